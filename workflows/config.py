@@ -1,0 +1,195 @@
+"""One typed configuration tree for every stage, loaded from YAML with ``key=value`` overrides.
+
+The same recipe file drives the CLI, ``ray job submit`` and the tests::
+
+    cfg = load_config("configs/tiny.yaml", ["label.batch_size=4", "train.proxy.steps=50"])
+
+Each stage reads only its own section. Unknown keys are errors (a typo must not silently train
+the wrong model), and overrides are parsed as YAML scalars (``true``, ``3``, ``1e-4``, ``[1, 2]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """What a clip is. Shared by ingest (decoding) and every model (shapes)."""
+    clip_len: int = 16          # frames per clip: 4 blocks of 4 frames
+    size: int = 64              # square frame side after short-side resize + centre crop
+    fps: float | None = 8.0     # resample to this rate; None keeps the native rate
+    stride_s: float | None = None  # seconds between clip starts; None = back-to-back clips
+    max_clips_per_video: int | None = None
+
+
+@dataclass
+class IngestConfig:
+    source: str = ""            # directory/prefix of videos, UCF-101 tree, or a manifest .csv/.parquet
+    output: str = ""            # URI prefix under which clips/ and errors/ are written
+    videos_per_task: int = 16   # rows per map_batches call: amortises task scheduling (see DESIGN)
+    num_cpus_per_task: float = 1.0
+    max_concurrency: int | None = None  # caps concurrent decode tasks so reads cannot flood the object store
+    split: str | None = None    # UCF-101 official split list name (e.g. "trainlist01") when present
+
+
+@dataclass
+class LabelConfig:
+    clips: str = ""             # URI of ingest output (clips/)
+    proxy: str = ""             # URI of the exported proxy tokenizer
+    output: str = ""            # URI prefix for scores/, stats and labels/
+    batch_size: int = 4         # clips per actor call
+    num_actors: int = 2
+    use_gpu: bool = False
+    metric: str = "lpips"       # distortion used for labels: lpips | mse | psnr | ssim
+    w_q: float = 1.2
+    w_l: float = 0.8
+    lpips_backbone: str | None = None  # path/URI of VGG16 ImageNet weights; None -> no LPIPS column
+    lpips_net: str = "vgg"
+    stats_samples: int = 10_000  # random (clip, assignment) pairs for the normalisation statistics
+    seed: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "fp32"     # fp32 | bf16
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """One model's training run. The same loop runs all four; ``model`` picks the recipe."""
+    model: str = "proxy"        # proxy | router | final | ar
+    preset: str = "tiny"
+    steps: int = 200
+    batch_size: int = 8         # global batch (per step, across workers, before accumulation)
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "cosine"    # cosine | wsd
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    num_workers: int = 2
+    use_gpu: bool = False
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    log_every: int = 10
+    seed: int = 0
+    data: str = ""              # URI of the training data (clips/, labels/ or codes/)
+    val_data: str = ""
+    router: str = ""            # exported router (final tokenizer recipe)
+    tokenizer: str = ""         # exported tokenizer (AR recipe: to decode samples)
+    lpips_backbone: str | None = None
+    align_encoder: str | None = None   # local `transformers` checkpoint dir (V-JEPA2 / VideoMAE)
+    semantic_disc_encoder: str | None = None
+    disc_start: int = 0         # step at which the adversarial loss starts; <0 disables the GAN
+    output: str = ""            # where the exported model is written
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite in the work dir
+    experiment: str = "evatok"
+    system_metrics: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "evatok"        # run name: same name + same storage -> resume, not restart
+    work_dir: str = "runs"      # URI root for stage outputs and Ray Train storage
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if value is None:
+        if type(None) in get_args(tp):
+            return None
+        raise ConfigError(f"{where}: may not be null")
+    if tp is float or float in args:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; known: {sorted(names)}")
+    obj = cls()
+    for k, v in data.items():
+        setattr(obj, k, _coerce(hints[k], v, f"{where}.{k}" if where else k))
+    return obj
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe YAML (optional) and apply ``a.b=value`` overrides on top."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return _build(Config, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (for MLflow params, checkpoints and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
