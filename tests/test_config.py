@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from workflows.config import Config, ConfigError, flatten, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_yaml_and_overrides():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["label.w_q=1.4", "train.deepspeed.zero_stage=2", "data.fps=null"])
+    assert isinstance(cfg, Config)
+    assert cfg.name == "tiny" and cfg.data.size == 64
+    assert cfg.label.w_q == 1.4 and isinstance(cfg.label.w_q, float)
+    assert cfg.train.deepspeed.zero_stage == 2
+    assert cfg.data.fps is None
+
+
+def test_int_promotes_to_float_and_tuples():
+    cfg = load_config(None, ["train.lr=1", "train.betas=[0.5, 0.9]"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.betas == (0.5, 0.9)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("label.wq=1.0", "unknown key"),            # a typo must not pass silently
+    ("train.steps=many", "expected int"),
+    ("train.steps=true", "expected an integer"),
+    ("data=3", "expected a mapping"),
+    ("nonsense", "key=value"),
+])
+def test_bad_overrides_are_clear_errors(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_every_recipe_in_configs_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(to_dict(load_config()))
+    assert flat["train.deepspeed.zero_stage"] == 0
+    assert "label.w_q" in flat
