@@ -90,7 +90,7 @@ def _ray_init():
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=RAY_OBJECT_STORE,
-            log_to_driver=False,
+            log_to_driver=True,  # worker output lands in pytest's captured output of a failing test
             configure_logging=False,
         )
     return ray

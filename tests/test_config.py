@@ -43,3 +43,9 @@ def test_flatten_for_mlflow_params():
     flat = flatten(to_dict(load_config()))
     assert flat["train.deepspeed.zero_stage"] == 0
     assert "label.w_q" in flat
+
+
+def test_exponent_without_dot_is_a_float_and_junk_is_an_error():
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["train.lr=fast"])

@@ -44,6 +44,7 @@ class LabelConfig:
     output: str = ""            # URI prefix for scores/, stats and labels/
     batch_size: int = 4         # clips per actor call
     num_actors: int = 2
+    num_cpus_per_actor: float = 1.0  # also the actor's torch thread count (floor, >= 1)
     use_gpu: bool = False
     metric: str = "lpips"       # distortion used for labels: lpips | mse | psnr | ssim
     w_q: float = 1.2
@@ -76,6 +77,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     num_workers: int = 2
+    cpus_per_worker: float = 1.0  # < 1 on a small box leaves CPUs for Ray Data's read tasks,
+                                  # which otherwise wait forever behind the training workers
     use_gpu: bool = False
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint_every: int = 50
@@ -83,14 +86,17 @@ class TrainConfig:
     max_failures: int = 2
     log_every: int = 10
     seed: int = 0
-    data: str = ""              # URI of the training data (clips/, labels/ or codes/)
-    val_data: str = ""
+    data: str = ""              # URI of the training clips (an ingest output prefix or its clips/)
+    labels: str = ""            # router: Parquet prefix with clip_id, assignment (+ optional reward list)
+    val_data: str = ""          # router: held-out clips; "" -> clips whose id hashes to 0 mod val_every
+    val_every: int = 8
     router: str = ""            # exported router (final tokenizer recipe)
     tokenizer: str = ""         # exported tokenizer (AR recipe: to decode samples)
     lpips_backbone: str | None = None
     align_encoder: str | None = None   # local `transformers` checkpoint dir (V-JEPA2 / VideoMAE)
     semantic_disc_encoder: str | None = None
     disc_start: int = 0         # step at which the adversarial loss starts; <0 disables the GAN
+    disc_lr: float = 3e-5       # discriminator AdamW lr, betas (0.5, 0.9) (LARP), constant
     output: str = ""            # where the exported model is written
 
 
@@ -133,6 +139,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float or float in args:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and str not in args:
+            # YAML 1.1 reads "1e-4" (no dot) as a string; a float field must still take it.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp):

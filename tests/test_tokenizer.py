@@ -1,0 +1,199 @@
+import itertools
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evatok.assignment import AssignmentSpace
+from evatok.quantizer import VectorQuantizer
+from evatok.tokenizer import PRESETS, AdaptiveTokenizer, TokenizerConfig
+
+# A small model with the tiny preset's structure (4 blocks, 5 power-of-two counts, full pyramid) for the
+# tests that need hundreds of passes: 16x16 frames, 4x4x4 patches -> 4x4 grid a block, counts 1..16.
+SMALL = dict(size=16, patch_s=4, counts=(1, 2, 4, 8, 16), enc_dim=32, dec_dim=32, enc_heads=2, dec_heads=2, codebook_size=256)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are small: one thread avoids OpenMP oversubscription when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model(**kw) -> AdaptiveTokenizer:
+    torch.manual_seed(0)
+    return AdaptiveTokenizer(TokenizerConfig(**kw)).eval()
+
+
+def clips(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Random smooth clips in [-0.5, 0.5]: low-resolution noise upsampled in space and time."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, max(2, size // 8), max(2, size // 8), generator=g)
+    return F.interpolate(low, size=(16, size, size), mode="trilinear", align_corners=False) - 0.5
+
+
+def test_shapes_and_outputs():
+    m = model()
+    x = clips(2, 64)
+    out = m(x, [8, 16, 32, 128])
+    assert out.recon.shape == x.shape and out.codes.shape == (2, 184) and out.code_mask.all()
+    assert out.features.shape == (2, 4, 8, 8, 128)
+    assert set(out.losses) == {"codebook", "commit", "entropy"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert int(out.codes.max()) < 1024
+    with pytest.raises(ValueError, match="among"):
+        m(x, [8, 16, 24, 128])
+    with pytest.raises(ValueError, match="expected video"):
+        m(x[:, :, :8], [8, 8, 8, 8])
+
+
+def test_block_causality():
+    m = model()
+    x = clips(1, 64)
+    y = x.clone()
+    y[:, :, 8:12] = clips(1, 64, seed=5)[:, :, 8:12]  # block 3's frames
+    counts = [32, 16, 64, 8]
+    with torch.no_grad():
+        (cx, _), (cy, _) = m.encode(x, counts), m.encode(y, counts)
+        rx, ry = m.decode(cx, counts), m.decode(cy, counts)
+    assert torch.equal(cx[:, :48], cy[:, :48])  # blocks 1-2: 32 + 16 codes
+    assert not torch.equal(cx[:, 48:112], cy[:, 48:112])  # block 3 did change
+    assert torch.allclose(rx[:, :, :8], ry[:, :, :8], atol=1e-6)
+    assert (rx[:, :, 8:12] - ry[:, :, 8:12]).abs().max() > 1e-3
+
+
+def test_mixed_assignment_batch_equals_per_sample():
+    m = model()
+    x = clips(3, 64)
+    counts = torch.tensor([[8, 128, 16, 8], [64, 64, 64, 64], [128, 8, 32, 16]])
+    with torch.no_grad():
+        codes, mask = m.encode(x, counts)
+        recon = m.decode(codes, counts)
+        out = m(x, counts)
+        assert mask.sum(1).tolist() == counts.sum(1).tolist() and codes.shape[1] == 256
+        for i in range(3):
+            ci, _ = m.encode(x[i:i + 1], counts[i])
+            n = int(counts[i].sum())
+            assert torch.equal(codes[i, :n], ci[0]) and (codes[i, n:] == 0).all()
+            ri = m.decode(ci, counts[i])
+            assert torch.allclose(recon[i:i + 1], ri, atol=1e-5)
+            assert torch.allclose(out.recon[i:i + 1], ri, atol=1e-5)
+
+
+def test_pyramid_query_counts_and_values():
+    m = model()
+    c = m.config
+    emb = torch.randn(2, c.num_blocks, c.grid, c.grid, 5)
+    pyr = m.pyramid(emb)
+    assert pyr.shape == (2, 4, 128, 5)
+    for n, k in enumerate(c.counts, start=3):  # k = 2^n: global + grids of 1, 2, ..., 2^(n-1) cells
+        assert 1 + sum(2 ** j for j in range(n)) == k
+    g = emb[0, 1]  # one block's 8x8 grid
+    assert torch.allclose(pyr[0, 1, 0], g.mean((0, 1)), atol=1e-6)  # global mean
+    assert torch.allclose(pyr[0, 1, 1], g.mean((0, 1)), atol=1e-6)  # 1x1 grid
+    assert torch.allclose(pyr[0, 1, 2], g[:, :4].mean((0, 1)), atol=1e-6)  # 1x2 grid, left half
+    assert torch.allclose(pyr[0, 1, 4], g[:4, :4].mean((0, 1)), atol=1e-6)  # 2x2 grid, top-left
+    assert torch.allclose(pyr[0, 1, 64:], g.reshape(64, 5), atol=1e-6)  # finest level = the grid
+    with torch.no_grad():
+        for k in c.counts:
+            codes, mask = m.encode(clips(1, 64), [k] * 4)
+            assert codes.shape == (1, 4 * k) and int(mask.sum()) == 4 * k
+
+
+def test_prefix_interface_equals_full_passes_all_625():
+    m = model(**SMALL)
+    x = clips(1, 16)
+    space = AssignmentSpace(m.config.counts)
+    leaf_codes, leaf_recon = {}, {}
+    with torch.inference_mode():
+        def walk(state, codes, recons):
+            r, cs, kids = m.prefix_step(state)
+            for i, kid in enumerate(kids):
+                if kid.depth == 4:
+                    leaf_codes[kid.counts] = torch.cat(codes + [cs[i]], 1)
+                    leaf_recon[kid.counts] = torch.cat(recons + [r[i]], 2)
+                    assert torch.equal(torch.cat(kid.codes, 1), leaf_codes[kid.counts])
+                else:
+                    walk(kid, codes + [cs[i]], recons + [r[i]])
+        walk(m.prefix_init(x), [], [])
+        assert len(leaf_recon) == 625
+        counts = space.table
+        codes, mask = m.encode(x.expand(625, -1, -1, -1, -1), counts)
+        recon = m.decode(codes, counts)
+    worst = 0.0
+    for i, a in enumerate(map(tuple, counts.tolist())):
+        n = sum(a)
+        assert torch.equal(codes[i, :n], leaf_codes[a][0]), a
+        worst = max(worst, float((recon[i] - leaf_recon[a][0]).abs().max()))
+    assert worst < 1e-5
+
+
+def test_prefix_interface_tiny_preset_sample():
+    m = model()
+    x = clips(2, 64)
+    with torch.inference_mode():
+        s = m.prefix_init(x)
+        path, recons = [], []
+        for level in (4, 0, 2, 3):
+            r, cs, kids = m.prefix_step(s)
+            path.append(m.config.counts[level])
+            recons.append(r[level])
+            s = kids[level]
+        full = m.decode(m.encode(x, path)[0], path)
+    assert torch.equal(torch.cat(s.codes, 1), m.encode(x, path)[0])
+    assert (torch.cat(recons, 2) - full).abs().max() < 1e-5
+
+
+def test_paper_sb_parameter_count():
+    with torch.device("meta"):
+        m = AdaptiveTokenizer(PRESETS["paper-SB"]())
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - 145e6) / 145e6 < 0.05, n
+    c = m.config
+    assert (c.size, c.counts, c.codebook_size, c.hw) == (128, (32, 64, 128, 256, 512), 16384, 256)
+
+
+def test_quantizer_losses_and_straight_through():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, codebook_size=64, code_dim=8)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    q, codes, losses = vq(x, mask)
+    z = F.normalize(vq.proj(x), dim=-1)
+    cb = F.normalize(vq.embedding.weight, dim=-1)
+    assert torch.equal(codes, torch.cdist(z, cb.expand(2, -1, -1)).argmin(-1))  # nearest code
+    assert torch.allclose(q, cb[codes], atol=1e-6)
+    zv, qv = z[mask], cb[codes][mask]
+    assert torch.allclose(losses["commit"], 0.25 * ((zv - qv) ** 2).mean(), atol=1e-6)
+    assert torch.allclose(losses["codebook"], ((zv - qv) ** 2).mean(), atol=1e-6)
+    p = torch.softmax(zv @ cb.t() / 0.01, -1)
+    ent = lambda d: -(d * d.clamp_min(1e-12).log()).sum(-1)  # noqa: E731
+    assert torch.allclose(losses["entropy"], ent(p).mean() - ent(p.mean(0)), atol=1e-5)
+    q.sum().backward()  # straight-through: the gradient reaches the input
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_training_smoke_reconstruction_drops():
+    """Tiny preset, plain AdamW on 4 fixed smooth clips with random assignments: MSE falls well below start."""
+    torch.manual_seed(0)
+    m = AdaptiveTokenizer(PRESETS["tiny"]()).train()
+    x = clips(4, 64, seed=11)
+    space = AssignmentSpace(m.config.counts)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses, t0 = [], time.time()
+    for step in range(60):
+        counts = space.table[torch.randint(625, (4,), generator=g)]
+        out = m(x, counts)
+        rec = F.mse_loss(out.recon, x)
+        loss = rec + out.losses["codebook"] + out.losses["commit"] + 0.02 * out.losses["entropy"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(rec.item())
+    start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert math.isfinite(end) and end < 0.5 * start, (start, end, time.time() - t0)

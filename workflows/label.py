@@ -1,0 +1,341 @@
+"""label / relabel: every clip x every assignment scored by the proxy tokenizer, then reward argmax labels.
+
+    run_label(cfg)     # Ray Data actor pool: scores/ + stats.json + labels/<tag>/
+    run_relabel(cfg)   # new weights or metric -> labels/<tag>/ from scores/ alone (no model, no Ray)
+
+Layout under ``cfg.label.output`` (schemas in ``workflows/clips.py``)::
+
+    _label.json                         fingerprint: clips shards (name, size, etag), proxy (uri, size, etag)
+    scores/shard-XXXXX.parquet          clip_id + one float32[625] per metric (mse, psnr, ssim[, lpips])
+    _shards/shard-XXXXX.json            score shard markers (published last)
+    stats.json                          per metric RewardStats (mu/sigma of distortion and of length)
+    labels/<metric>-wq<w_q>-wl<w_l>/    shard-XXXXX.parquet: clip_id, assignment, counts, total_tokens, reward,
+                                        distortion; _DONE.json last
+
+One score shard per clips shard (same number): an actor reads a whole clips shard, scores it in batches
+of ``batch_size`` clips with the prefix-tree walk (``evatok.search.score_assignments``) and publishes
+the shard atomically. A worker that dies mid-shard publishes nothing; Ray Data retries the shard on
+another actor and the deterministic key means the retry can only write the same object, so every clip
+appears exactly once. A rerun skips shards whose marker exists.
+
+Statistics [I]: ``stats_samples`` uniformly random (clip, assignment) pairs over ALL scored clips
+(``evatok.assignment.estimate_stats``, seed ``label.seed``), per metric; written once, after the last
+score shard, and reused by every relabel so labels for any weights share one normalisation.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from workflows import storage
+from workflows.clips import digest, frames_from_table, shard_index, shard_name
+from workflows.stage import Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard
+
+NUM_ASSIGNMENTS = 625
+
+
+class LabelError(StageError):
+    pass
+
+
+@dataclass
+class LabelSummary:
+    output: str
+    labels: str = ""
+    clips: int = 0
+    shards: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    metric: str = ""
+    w_q: float = 0.0
+    w_l: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> bool:
+        return self.shards_written == 0
+
+    def __str__(self) -> str:
+        return (f"label: {self.clips} clips scored x {NUM_ASSIGNMENTS} assignments in {self.shards} shards "
+                f"({self.shards_written} written, {self.shards_skipped} skipped); labels {self.metric} "
+                f"w_q={self.w_q:g} w_l={self.w_l:g} -> {storage.redact(self.labels)} ({self.seconds:.1f}s)")
+
+
+@dataclass
+class RelabelSummary:
+    labels: str
+    clips: int
+    written: bool
+    metric: str
+    w_q: float
+    w_l: float
+    mean_tokens: float
+
+    @property
+    def skipped(self) -> bool:
+        return not self.written
+
+
+# ----------------------------------------------------------------------------- layout
+def clips_prefix(uri: str) -> str:
+    """Accept an ingest output prefix or its ``clips/`` folder."""
+    sub = storage.join(uri, "clips")
+    return sub if storage.list_parquet(sub) else storage.canonical(uri)
+
+
+def labels_uri(lc) -> str:
+    """Where the labels for ``lc.metric`` / ``lc.w_q`` / ``lc.w_l`` live (training reads this)."""
+    return storage.join(lc.output, "labels", f"{lc.metric}-wq{lc.w_q:g}-wl{lc.w_l:g}")
+
+
+def scores_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """A scores table -> ``{metric: float32 [N, 625]}``."""
+    out = {}
+    for name in table.column_names:
+        if name == "clip_id":
+            continue
+        col = table.column(name).combine_chunks()
+        out[name] = np.array(col.flatten().to_numpy(zero_copy_only=False)).reshape(len(col), -1)  # writable
+    return out
+
+
+def _scores_table(clip_ids: list[str], tables: dict[str, np.ndarray]) -> pa.Table:
+    cols = {"clip_id": pa.array(clip_ids, pa.string())}
+    for name in sorted(tables):
+        v = np.ascontiguousarray(tables[name], dtype=np.float32)
+        cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), NUM_ASSIGNMENTS)
+    return pa.table(cols)
+
+
+# ----------------------------------------------------------------------------- scoring (plain class)
+class Scorer:
+    """Loads the proxy (and LPIPS) once; scores clips tables. No Ray: the actor wraps it."""
+
+    def __init__(self, proxy: str, batch_size: int = 4, use_gpu: bool = False,
+                 lpips_backbone: str | None = None, lpips_net: str = "vgg", num_threads: int | None = None):
+        import torch
+
+        from evatok.export import load_model
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model = load_model(io.BytesIO(storage.read_bytes(proxy)), map_location=self.device).eval()
+        self.batch_size = batch_size
+        self.lpips = None
+        if lpips_backbone:
+            from evatok.metrics import LPIPS
+
+            local = storage.local_path(lpips_backbone)
+            if local is None:  # remote weights: fetch once per actor
+                fd, tmp = tempfile.mkstemp(suffix=".pth")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(storage.read_bytes(lpips_backbone))
+                local = tmp
+            self.lpips = LPIPS(lpips_net, backbone_path=str(local)).to(self.device)
+
+    def score(self, clips_table: pa.Table) -> pa.Table:
+        import torch
+
+        from evatok.search import score_assignments
+        from evatok.video import to_tensor
+
+        ids = clips_table.column("clip_id").to_pylist()
+        if not ids:
+            names = ["mse", "psnr", "ssim"] + ([self.lpips.metric_name] if self.lpips is not None else [])
+            return _scores_table([], {n: np.zeros((0, NUM_ASSIGNMENTS), np.float32) for n in names})
+        x = to_tensor(torch.from_numpy(frames_from_table(clips_table))).to(self.device)
+        tables = score_assignments(self.model, x, lpips=self.lpips, batch_clips=self.batch_size)
+        return _scores_table(ids, {k: v.float().cpu().numpy() for k, v in tables.items()})
+
+    def score_shard(self, i: int, clips_uri: str, out: str) -> dict:
+        t0 = time.perf_counter()
+        table = storage.read_table(clips_uri, columns=["clip_id", "shape", "frames"])
+        scores = self.score(table)
+        storage.write_parquet(scores, storage.join(out, "scores", shard_name(i)))
+        info = {"shard": i, "clips": scores.num_rows, "counts": list(self.model.config.counts),
+                "seconds": round(time.perf_counter() - t0, 3)}
+        mark_shard(out, i, info)
+        return info
+
+
+class _LabelActor:
+    """Ray Data callable class: one model load per actor, one clips shard per call."""
+
+    def __init__(self, out: str, **scorer_kw):
+        self.out = out
+        self.scorer = Scorer(**scorer_kw)
+
+    def __call__(self, batch: dict) -> dict:
+        infos = [self.scorer.score_shard(int(i), str(u), self.out) for i, u in zip(batch["shard"], batch["uri"])]
+        return {"info": np.array([json.dumps(x) for x in infos], dtype=object)}
+
+
+# ----------------------------------------------------------------------------- stats and labels (plain)
+def compute_stats(out: str, n_samples: int, seed: int, counts) -> dict:
+    """Per-metric normalisation statistics over all score shards (deterministic: shard order, seed).
+    ``counts``: the proxy's candidate token counts (they define each assignment's length)."""
+    from evatok.assignment import AssignmentSpace, estimate_stats
+
+    arrays = scores_to_arrays(storage.read_table(storage.join(out, "scores")))
+    totals = AssignmentSpace(counts).totals.numpy()
+    stats = {name: estimate_stats(v, totals, n_samples=n_samples, seed=seed, metric=_base(name)).to_dict()
+             for name, v in arrays.items()}
+    return {"metrics": stats, "counts": list(counts), "clips": int(next(iter(arrays.values())).shape[0]),
+            "samples": n_samples, "seed": seed}
+
+
+def _base(metric: str) -> str:
+    return "lpips" if metric.startswith("lpips") else metric
+
+
+def label_table(scores: pa.Table, metric: str, stats: dict, w_q: float, w_l: float, space=None) -> pa.Table:
+    """Per clip: the argmax assignment of the reward (index, counts), its total length, reward, distortion."""
+    from evatok.assignment import AssignmentSpace, RewardStats, best_assignment, reward
+
+    space = space or AssignmentSpace()
+    if metric not in scores.column_names:
+        raise LabelError(f"scores have no {metric!r} column (have {[c for c in scores.column_names if c != 'clip_id']})")
+    d = scores_to_arrays(scores.select(["clip_id", metric]))[metric]
+    st = RewardStats(**stats["metrics"][metric])
+    totals = space.totals.numpy()
+    idx = np.asarray(best_assignment(d, totals, st, w_q, w_l), dtype=np.int64).reshape(-1)
+    r = np.asarray(reward(d, totals, st, w_q, w_l)).reshape(len(idx), -1)
+    rows = np.arange(len(idx))
+    return pa.table({
+        "clip_id": scores.column("clip_id"),
+        "assignment": pa.array(idx.astype(np.int32)),  # index in [0, 625) (ARCHITECTURE order)
+        "counts": pa.array(space.table.numpy()[idx].astype(np.int32).tolist(), pa.list_(pa.int32())),
+        "total_tokens": pa.array(totals[idx].astype(np.int32)),
+        "reward": pa.array(r[rows, idx].astype(np.float64)),
+        "distortion": pa.array(d[rows, idx].astype(np.float64)),
+    })
+
+
+def reward_rows(labels: str, clip_ids: set[str] | None = None) -> dict[str, np.ndarray]:
+    """clip_id -> the 625 rewards behind a labels/ prefix (its weights, metric and statistics),
+    recomputed from scores/: what the router's reward percentile is measured against."""
+    from evatok.assignment import AssignmentSpace, RewardStats, reward
+
+    info = storage.read_done(labels)
+    if info is None or "scores" not in info:
+        raise LabelError(f"{storage.redact(labels)} is not a finished labels/ prefix (no _DONE.json with scores)")
+    metric = info["metric"]
+    table = storage.read_table(info["scores"], columns=["clip_id", metric])
+    ids = [str(c) for c in table.column("clip_id").to_pylist()]
+    d = scores_to_arrays(table)[metric]
+    r = np.asarray(reward(d, AssignmentSpace(info["counts"]).totals.numpy(), RewardStats(**info["stats"]),
+                          info["w_q"], info["w_l"]), dtype=np.float32)
+    return {c: r[i] for i, c in enumerate(ids) if clip_ids is None or c in clip_ids}
+
+
+def _metric_name(lc, available: list[str]) -> str:
+    if lc.metric in available:
+        return lc.metric
+    if lc.metric == "lpips" and "lpips_random_backbone" in available:
+        return "lpips_random_backbone"
+    raise LabelError(f"label.metric={lc.metric!r} is not among the recorded metrics {available}"
+                     + ("; LPIPS needs label.lpips_backbone" if lc.metric == "lpips" else ""))
+
+
+def run_relabel(cfg, quiet: bool = False) -> RelabelSummary:
+    """Labels for ``cfg.label.metric/w_q/w_l`` from scores/ and stats.json alone (no model, no Ray)."""
+    from evatok.assignment import AssignmentSpace
+
+    lc = cfg.label
+    out = storage.canonical(lc.output)
+    stats_uri = storage.join(out, "stats.json")
+    if not storage.exists(stats_uri):
+        raise LabelError(f"no stats.json under {storage.redact(out)}: run `label` first (scores are incomplete)")
+    stats = json.loads(storage.read_bytes(stats_uri))
+    metric = _metric_name(lc, sorted(stats["metrics"]))
+    dest = labels_uri(lc)
+    prev = storage.read_done(dest)
+    if prev is not None:
+        return RelabelSummary(dest, prev["clips"], False, metric, lc.w_q, lc.w_l, prev["mean_tokens"])
+    n, tokens = 0, 0.0
+    for uri in storage.list_parquet(storage.join(out, "scores")):
+        labels = label_table(storage.read_table(uri, columns=["clip_id", metric]), metric, stats, lc.w_q, lc.w_l,
+                             AssignmentSpace(stats["counts"]))
+        storage.write_parquet(labels, storage.join(dest, shard_name(shard_index(uri))))
+        n += labels.num_rows
+        tokens += float(np.sum(labels.column("total_tokens").to_numpy()))
+    info = {"clips": n, "metric": metric, "w_q": lc.w_q, "w_l": lc.w_l, "stats": stats["metrics"][metric],
+            "counts": stats["counts"], "scores": storage.join(out, "scores"), "mean_tokens": tokens / max(n, 1)}
+    storage.mark_done(dest, info)
+    if not quiet:
+        print(f"[relabel] {n} clips, {metric} w_q={lc.w_q:g} w_l={lc.w_l:g}: mean {info['mean_tokens']:.1f} "
+              f"tokens/clip -> {storage.redact(dest)}", flush=True)
+    return RelabelSummary(dest, n, True, metric, lc.w_q, lc.w_l, info["mean_tokens"])
+
+
+# ----------------------------------------------------------------------------- driver
+def run_label(cfg, quiet: bool = False) -> LabelSummary:
+    """Score every clip with the proxy on a Ray Data actor pool, then stats.json and labels."""
+    from ray.data import ActorPoolStrategy
+
+    t0 = time.perf_counter()
+    lc = cfg.label
+    if not (lc.clips and lc.proxy and lc.output):
+        raise LabelError("label.clips, label.proxy and label.output must all be set")
+    if lc.metric == "lpips" and not lc.lpips_backbone:
+        raise LabelError("label.metric=lpips needs label.lpips_backbone (VGG16 ImageNet weights); "
+                         "or choose label.metric=mse|psnr|ssim")
+    out = storage.canonical(lc.output)
+    src = clips_prefix(lc.clips)
+    shards = {shard_index(u): (u, s, e) for u, s, e in storage.list_files(src, (".parquet",))}
+    if not shards:
+        raise LabelError(f"no clips shards under {storage.redact(lc.clips)}")
+    psize, petag = storage.info(lc.proxy)
+    claim_output(out, "label", {
+        "format": 1, "clips": digest(f"{i}:{s}:{e}" for i, (_, s, e) in sorted(shards.items())),
+        "proxy": [storage.redact(storage.canonical(lc.proxy)), psize, petag],
+        "lpips": [lc.lpips_backbone and storage.redact(lc.lpips_backbone), lc.lpips_net]})
+    done = done_shards(out)
+    todo = sorted(i for i in shards if i not in done)
+    progress = Progress("label", len(shards), quiet)
+    progress.done = len(shards) - len(todo)
+    progress.line(f"{len(shards)} clips shards; {len(todo)} to score, {len(done)} already scored")
+    summary = LabelSummary(out, shards=len(shards), shards_skipped=len(shards) - len(todo))
+    infos = [done[i] for i in shards if i in done]
+    if todo:
+        ray = ensure_ray()
+        from workflows.stage import quiet_data_context
+
+        quiet_data_context(ray)
+        items = [{"shard": i, "uri": shards[i][0]} for i in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            _LabelActor, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs=dict(out=out, proxy=storage.canonical(lc.proxy), batch_size=lc.batch_size,
+                                       use_gpu=lc.use_gpu, lpips_backbone=lc.lpips_backbone,
+                                       lpips_net=lc.lpips_net, num_threads=max(1, int(lc.num_cpus_per_actor))),
+            compute=ActorPoolStrategy(size=min(lc.num_actors, len(items))),
+            num_cpus=lc.num_cpus_per_actor, num_gpus=1 if lc.use_gpu else 0)
+        for row in ds.iter_rows():
+            info = json.loads(row["info"])
+            infos.append(info)
+            summary.shards_written += 1
+            progress.shard(f"shard {info['shard']}: {info['clips']} clips ({info['seconds']:.1f}s)")
+    summary.clips = sum(x["clips"] for x in infos)
+    stats_uri = storage.join(out, "stats.json")
+    if not storage.exists(stats_uri):
+        counts = {tuple(x["counts"]) for x in infos if x["clips"]}
+        if len(counts) != 1:
+            raise LabelError(f"score shards disagree on the proxy's token counts: {sorted(counts)}")
+        stats = compute_stats(out, lc.stats_samples, lc.seed, counts.pop())
+        storage.write_bytes_atomic(stats_uri, json.dumps(stats, sort_keys=True).encode())
+    rel = run_relabel(cfg, quiet=quiet)
+    summary.labels, summary.metric, summary.w_q, summary.w_l = rel.labels, rel.metric, rel.w_q, rel.w_l
+    summary.seconds = time.perf_counter() - t0
+    if summary.shards_written or not storage.is_done(out):
+        storage.mark_done(out, {k: v for k, v in asdict(summary).items() if k != "seconds"})
+    progress.line(str(summary))
+    return summary

@@ -1,0 +1,81 @@
+"""What the sharded Ray Data stages (ingest, label) share: fingerprints, shard markers, Ray start, logs.
+
+A stage's output prefix is claimed by a fingerprint file written before any shard (``_<stage>.json``):
+a rerun with the same inputs and config resumes; a rerun with different ones fails clearly instead of
+mixing two datasets under one prefix. A shard is done when its marker ``_shards/shard-XXXXX.json``
+exists; markers are published after the shard's data objects, so a killed task leaves either
+nothing or complete objects that the retry overwrites with identical content.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from workflows import storage
+from workflows.clips import shard_index, shard_name
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured (bad source, output owned by another run, ...)."""
+
+
+def claim_output(out: str, stage: str, fingerprint: dict) -> bool:
+    """Write ``out/_<stage>.json`` or check the existing one. Returns True if it already existed."""
+    uri = storage.join(out, f"_{stage}.json")
+    data = json.dumps(fingerprint, sort_keys=True, default=str).encode()
+    if storage.write_bytes_atomic(uri, data, exclusive=True):
+        return False
+    old = json.loads(storage.read_bytes(uri))
+    if old != json.loads(data):
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != json.loads(data).get(k))
+        raise StageError(
+            f"{storage.redact(out)} already holds a {stage} output made from other inputs or settings "
+            f"(differs in: {', '.join(diff)}); use a new output prefix or delete the old one")
+    return True
+
+
+def done_shards(out: str) -> dict[int, dict]:
+    """Shard index -> its marker info, for every finished shard under ``out`` (one listing)."""
+    done = {}
+    for uri, _, _ in storage.list_files(storage.join(out, "_shards"), (".json",)):
+        done[shard_index(uri)] = json.loads(storage.read_bytes(uri))
+    return done
+
+
+def mark_shard(out: str, i: int, info: dict) -> None:
+    storage.write_bytes_atomic(storage.join(out, "_shards", shard_name(i, "json")),
+                               json.dumps(info, sort_keys=True).encode())
+
+
+def ensure_ray():
+    """Connect to the running cluster (``RAY_ADDRESS``) or start a local Ray, once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    return ray
+
+
+def quiet_data_context(ray) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty() and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+
+
+class Progress:
+    """One line per finished shard (rich-free: it lands in Ray job logs and CI output alike)."""
+
+    def __init__(self, stage: str, total: int, quiet: bool = False):
+        self.stage, self.total, self.done, self.quiet = stage, total, 0, quiet
+        self.t0 = time.perf_counter()
+
+    def shard(self, text: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            el = time.perf_counter() - self.t0
+            print(f"[{self.stage}] {self.done}/{self.total} shards ({el:.1f}s): {text}", flush=True)
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{self.stage}] {text}", flush=True)

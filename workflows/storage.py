@@ -1,0 +1,406 @@
+"""The only module that opens files: every stage addresses storage by URI.
+
+Supported URIs: local paths (``/data/x``, ``runs/x``), ``file:///data/x``, ``s3://bucket/key`` (s3fs
+for fsspec, ``pyarrow.fs.S3FileSystem`` for Arrow/Ray Data) and ``gs://bucket/key`` when gcsfs is
+installed. S3 endpoint, region and credentials come from the standard AWS environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``/``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...) and config
+files; this module never logs them, and ``redact`` strips them from any text we print.
+
+Publishing is atomic: ``write_bytes_atomic`` never leaves a partial object under the final key.
+- local: write ``.<name>.tmp-<uuid>`` in the same directory, fsync, ``os.replace`` (atomic rename).
+- object stores: the whole payload is in memory and sent with one ``put_object`` (or a multipart
+  upload, which becomes visible only on completion). We deliberately never stream through an fsspec
+  file object: its ``__exit__`` calls ``close()`` (which commits) even when the ``with`` body raised,
+  publishing a truncated object (engineering-anchors B8).
+- ``exclusive=True`` asks for create-if-absent: ``O_EXCL``-style link on local disks and
+  ``IfNoneMatch: *`` on S3 (AWS S3 honours it; stores that ignore it fall back to overwrite, which is
+  still safe for our deterministic outputs because every writer of a key writes the same content).
+
+"Is this output complete" is a marker: ``mark_done(prefix, info)`` publishes ``<prefix>/_DONE.json``
+last, after everything under ``prefix``; ``is_done(prefix)`` checks it; ``read_done`` returns the info.
+
+Public API (stable; training and the CLI use it):
+``split_uri, join, fs_for, to_pyarrow, exists, info, list_files, read_bytes, open_read,
+write_bytes_atomic, write_parquet, read_table, list_parquet, torch_save, torch_load, mark_done,
+is_done, read_done, remove, redact``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DONE_MARKER = "_DONE.json"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message is already redacted."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    pass
+
+
+class UnsafePathError(StorageError, ValueError):
+    """A path part would escape its output prefix (``..``, absolute part, scheme)."""
+
+
+# ----------------------------------------------------------------------------- URIs
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+_REMOTE = {"s3", "s3a", "gs", "gcs"}
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``(scheme, path)``: scheme is ``"file"``, ``"s3"`` or ``"gs"``; a local path is made absolute.
+
+    ``s3://b/k`` -> ``("s3", "b/k")``; ``/x`` and ``file:///x`` -> ``("file", "/x")``.
+    """
+    uri = str(uri)
+    m = _SCHEME.match(uri)
+    if not m:
+        return "file", os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme == "file":
+        return "file", os.path.abspath(rest or "/")
+    if scheme in ("s3", "s3a"):
+        return "s3", rest.strip("/")
+    if scheme in ("gs", "gcs"):
+        return "gs", rest.strip("/")
+    raise StorageError(f"unsupported URI scheme {scheme!r} in {redact(uri)} (use a path, file://, s3:// or gs://)")
+
+
+def _uri(scheme: str, path: str) -> str:
+    return path if scheme == "file" else f"{scheme}://{path}"
+
+
+def canonical(uri: str) -> str:
+    """One spelling per object: local URIs become absolute paths, ``s3a://`` becomes ``s3://``."""
+    return _uri(*split_uri(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts under ``uri``. Parts may contain ``/`` but never escape the prefix:
+    ``..``, ``.``, empty segments, absolute parts, backslashes and schemes raise ``UnsafePathError``
+    (ids that come from user input must stay inside their output prefix)."""
+    scheme, base = split_uri(uri)
+    segs: list[str] = []
+    for part in parts:
+        part = str(part)
+        if not part or part.startswith("/") or "\\" in part or "://" in part or "\x00" in part:
+            raise UnsafePathError(f"unsafe path part {part!r}")
+        for seg in part.split("/"):
+            if seg in ("", ".", ".."):
+                raise UnsafePathError(f"unsafe path part {part!r}")
+            segs.append(seg)
+    path = "/".join([base.rstrip("/")] + segs) if segs else base
+    return _uri(scheme, path)
+
+
+# ----------------------------------------------------------------------------- filesystems
+_FS_CACHE: dict[tuple, Any] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _env_key() -> tuple:
+    # A new endpoint/credential set (e.g. a test's moto server) must give a new client; the key
+    # holds only a hash so secrets never sit in plain sight in a repr.
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    return (os.getpid(), hash(tuple(os.environ.get(n) for n in names)))
+
+
+def _fsspec_fs(scheme: str):
+    key = ("fsspec", scheme) + _env_key()
+    with _FS_LOCK:
+        if key in _FS_CACHE:
+            return _FS_CACHE[key]
+        if scheme == "file":
+            import fsspec
+
+            fs = fsspec.filesystem("file")
+        elif scheme == "s3":
+            import s3fs
+
+            # No listings cache: other processes (Ray workers) write the same prefixes.
+            fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+        else:
+            try:
+                import gcsfs
+            except ImportError as e:
+                raise StorageError("gs:// URIs need gcsfs: pip install gcsfs") from e
+            fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+        _FS_CACHE[key] = fs
+        return fs
+
+
+def fs_for(uri: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path within it)`` for a URI."""
+    scheme, path = split_uri(uri)
+    return _fsspec_fs(scheme), path
+
+
+def to_pyarrow(uri: str) -> tuple[Any, str]:
+    """``(pyarrow.fs.FileSystem, path)``: pass both to ``pq.read_table`` / ``ray.data.read_parquet``."""
+    import pyarrow.fs as pafs
+
+    scheme, path = split_uri(uri)
+    key = ("arrow", scheme) + _env_key()
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            if scheme == "file":
+                fs = pafs.LocalFileSystem()
+            elif scheme == "s3":
+                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                kw: dict[str, Any] = {}
+                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                if region:
+                    kw["region"] = region
+                if endpoint:
+                    m = re.match(r"^(https?)://(.*)$", endpoint)
+                    kw["scheme"], kw["endpoint_override"] = (m.group(1), m.group(2)) if m else ("https", endpoint)
+                # Credentials: arrow's default AWS chain (env vars, config files, instance role).
+                fs = pafs.S3FileSystem(**kw)
+            else:
+                try:
+                    import gcsfs  # noqa: F401
+                except ImportError as e:
+                    raise StorageError("gs:// URIs need gcsfs: pip install gcsfs") from e
+                fs = pafs.PyFileSystem(pafs.FSSpecHandler(_fsspec_fs("gs")))
+            _FS_CACHE[key] = fs
+    return fs, path
+
+
+def _wrap(e: Exception, what: str, uri: str) -> StorageError:
+    msg = redact(f"{what} {uri}: {type(e).__name__}: {e}")
+    if isinstance(e, FileNotFoundError):
+        return StorageNotFound(msg)
+    return StorageError(msg)
+
+
+# ----------------------------------------------------------------------------- reading
+def exists(uri: str) -> bool:
+    fs, path = fs_for(uri)
+    try:
+        return bool(fs.exists(path))
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "exists", uri) from None
+
+
+def _etag(d: dict) -> str | None:
+    tag = d.get("ETag") or d.get("etag") or d.get("md5Hash")
+    return str(tag).strip('"') if tag else None
+
+
+def info(uri: str) -> tuple[int, str | None]:
+    """``(size, etag)``; etag is None on local disks (ids then rest on URI + size)."""
+    fs, path = fs_for(uri)
+    try:
+        d = fs.info(path)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "stat", uri) from None
+    if d.get("type") == "directory":
+        raise StorageError(f"{redact(uri)} is a directory")
+    return int(d.get("size") or 0), _etag(d)
+
+
+def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[str, int, str | None]]:
+    """Every file under ``uri`` (recursive; or ``uri`` itself if it is a file), sorted by URI,
+    as ``(uri, size, etag)``. ``suffixes`` filters case-insensitively (e.g. ``(".mp4", ".avi")``).
+    A missing prefix lists as empty."""
+    scheme, _ = split_uri(uri)
+    fs, path = fs_for(uri)
+    sfx = tuple(s.lower() for s in suffixes) if suffixes else None
+    try:
+        if not fs.exists(path):
+            return []
+        if fs.isfile(path):
+            found = {path: fs.info(path)}
+        else:
+            found = fs.find(path, detail=True)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "list", uri) from None
+    out = []
+    for p, d in found.items():
+        if d.get("type") == "directory" or p.endswith("/"):
+            continue
+        if sfx and not p.lower().endswith(sfx):
+            continue
+        if scheme == "file" and not p.startswith("/"):
+            p = "/" + p
+        out.append((_uri(scheme, p), int(d.get("size") or 0), _etag(d)))
+    out.sort()
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = fs_for(uri)
+    try:
+        return fs.cat_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "read", uri) from None
+
+
+def open_read(uri: str):
+    """A binary file object for streaming reads (reading cannot publish anything, so this is safe)."""
+    fs, path = fs_for(uri)
+    try:
+        return fs.open(path, "rb")
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "open", uri) from None
+
+
+# ----------------------------------------------------------------------------- writing
+def write_bytes_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
+    """Publish ``data`` under ``uri`` all at once, or not at all.
+
+    Returns True if written, False if ``exclusive`` and the object already existed."""
+    scheme, path = split_uri(uri)
+    data = bytes(data)
+    if scheme == "file":
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if exclusive:
+                try:
+                    os.link(tmp, path)  # fails if path exists: create-if-absent, atomically
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, path)
+            return True
+        except OSError as e:
+            raise _wrap(e, "write", uri) from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    fs = _fsspec_fs(scheme)
+    try:
+        if exclusive:
+            if fs.exists(path):
+                return False
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            except Exception as e:  # noqa: BLE001
+                if "PreconditionFailed" in str(e) or "412" in str(e):
+                    return False
+                raise
+        else:
+            fs.pipe_file(path, data)
+        return True
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "write", uri) from None
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = fs_for(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "remove", uri) from None
+
+
+def write_parquet(table: pa.Table, uri: str, exclusive: bool = False, compression: str = "zstd") -> bool:
+    """Serialise ``table`` in memory, then publish it atomically (never a partial Parquet file)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    return write_bytes_atomic(uri, buf.getvalue(), exclusive=exclusive)
+
+
+def list_parquet(uri: str) -> list[str]:
+    """Sorted ``.parquet`` files under ``uri`` (hidden/temp names excluded)."""
+    return [u for u, _, _ in list_files(uri, (".parquet",))
+            if not PurePosixPath(split_uri(u)[1]).name.startswith((".", "_"))]
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, or every Parquet file under a prefix (sorted, concatenated)."""
+    fs, path = to_pyarrow(uri)
+    files = list_parquet(uri)
+    if not files:
+        raise StorageNotFound(f"no parquet data at {redact(uri)}")
+    try:
+        tables = [pq.read_table(split_uri(f)[1], filesystem=fs, columns=columns) for f in files]
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "read parquet", uri) from None
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def torch_save(obj: Any, uri: str) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def torch_load(uri: str, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: a checkpoint from storage can never run code."""
+    import torch
+
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------- completion markers
+def mark_done(uri: str, info: dict | None = None) -> None:
+    """Publish ``<uri>/_DONE.json`` (write it LAST, after every output under ``uri``)."""
+    write_bytes_atomic(join(uri, DONE_MARKER), json.dumps(info or {}, sort_keys=True, default=str).encode())
+
+
+def is_done(uri: str) -> bool:
+    return exists(join(uri, DONE_MARKER))
+
+
+def read_done(uri: str) -> dict | None:
+    try:
+        return json.loads(read_bytes(join(uri, DONE_MARKER)))
+    except StorageNotFound:
+        return None
+
+
+# ----------------------------------------------------------------------------- redaction
+_REDACTIONS = [
+    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@"), r"\1***@"),
+    (re.compile(r"(?i)\b(aws_secret_access_key|aws_session_token|aws_access_key_id|secret_key|access_key|"
+                r"session_token|x-amz-signature|x-amz-credential|x-amz-security-token|signature|token|password)"
+                r"(\s*[=:]\s*)(['\"]?)[^\s&'\",;]+"), r"\1\2\3***"),
+]
+
+
+def redact(text: Any) -> str:
+    """Strip credentials from text: ``user:pass@`` in URIs, ``key=value`` secrets and query
+    parameters, and the literal values of the AWS secret environment variables."""
+    s = str(text)
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        v = os.environ.get(name)
+        if v and len(v) >= 4:
+            s = s.replace(v, "***")
+    for pat, rep in _REDACTIONS:
+        s = pat.sub(rep, s)
+    return s
+
+
+def is_remote(uri: str) -> bool:
+    return split_uri(uri)[0] in _REMOTE
+
+
+def local_path(uri: str) -> Path | None:
+    """The local ``Path`` of a local URI, else None."""
+    scheme, path = split_uri(uri)
+    return Path(path) if scheme == "file" else None

@@ -1,0 +1,106 @@
+"""Training data: Parquet clips (``workflows.clips`` schema) as Ray Data shards, turned into tensors.
+
+The driver opens the dataset (``open_dataset``) and computes what every worker must agree on (rows,
+class names, label lookup); each worker pulls its shard with ``get_dataset_shard`` +
+``iter_torch_batches`` and a ``collate`` that decodes the fixed-size ``frames`` binary into
+``float32 [B, 3, T, H, W]`` in ``[-0.5, 0.5]``.
+
+Resume mid-epoch: ``micro_batches`` takes exactly ``per_epoch`` micro-batches from each epoch (the
+same number on every rank, so collectives never wait on a rank that ran dry) and skips the first
+``skip`` of the resumed epoch. [I] Ray's streaming split hands blocks to ranks dynamically, so a
+resumed epoch skips the right *number* of samples per rank, not necessarily the identical rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from workflows import storage
+from workflows.clips import digest, frames_from_batch
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class DataInfo:
+    uri: str                      # the Parquet prefix actually read
+    rows: int
+    digest: str                   # of the sorted (uri, size, etag) of its files
+    classes: list[str] = field(default_factory=list)   # sorted class names (AR conditioning)
+    targets: dict[str, int] | None = None               # clip_id -> label index (router)
+
+
+def parquet_prefix(uri: str) -> str:
+    """An ingest output prefix or its ``clips/`` directory (or any Parquet prefix)."""
+    if not uri:
+        raise DataError("no training data configured (train.data is empty)")
+    sub = storage.join(uri, "clips")
+    if storage.list_parquet(sub):
+        return sub
+    if storage.list_parquet(uri):
+        return uri
+    raise DataError(f"no Parquet clips under {storage.redact(uri)}")
+
+
+def files_digest(uri: str) -> str:
+    return digest(f"{u}|{s}|{e}" for u, s, e in storage.list_files(uri, (".parquet",)))
+
+
+def open_dataset(uri: str, columns: list[str] | None = None):
+    import ray.data
+
+    fs, path = storage.to_pyarrow(uri)
+    return ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+
+
+def to_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> float32 [B, 3, T, H, W] in [-0.5, 0.5] (the model convention)."""
+    return torch.from_numpy(np.array(frames, copy=True)).permute(0, 4, 1, 2, 3).float().div_(255.0).sub_(0.5)
+
+
+class Collate:
+    """numpy batch from Ray Data -> dict of tensors. Picklable (it travels to the workers)."""
+
+    def __init__(self, classes: list[str] | None = None, targets: dict[str, int] | None = None):
+        self.class_index = {c: i for i, c in enumerate(classes or [])}
+        self.targets = targets
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = {"video": to_video(frames_from_batch(batch))}
+        if self.class_index and "label" in batch:
+            out["class_id"] = torch.tensor([self.class_index.get(str(x), -1) for x in batch["label"]], dtype=torch.long)
+        if "reward" in batch:  # router validation: the 625 rewards of each clip
+            out["reward"] = torch.as_tensor(np.stack([np.asarray(r, np.float32) for r in batch["reward"]]))
+        if self.targets is not None:
+            missing = [c for c in batch["clip_id"] if str(c) not in self.targets]
+            if missing:
+                raise DataError(f"{len(missing)} clips have no label (e.g. {missing[0]}); relabel or filter the data")
+            out["target"] = torch.tensor([self.targets[str(c)] for c in batch["clip_id"]], dtype=torch.long)
+        return out
+
+
+def micro_batches(shard, micro_bs: int, per_epoch: int, start_epoch: int, skip: int, seed: int,
+                  collate, shuffle_buffer: int = 64) -> Iterator[tuple[int, int, dict]]:
+    """Endless ``(epoch, index_in_epoch, batch)``; every epoch is read to its end (never abandoned
+    half-way, which a streaming split would not like) but only its first ``per_epoch`` are used."""
+    if per_epoch < 1:
+        raise DataError(f"too few rows for one micro-batch of {micro_bs} per worker")
+    epoch = start_epoch
+    while True:
+        it = shard.iter_torch_batches(batch_size=micro_bs, drop_last=True, collate_fn=collate,
+                                      local_shuffle_buffer_size=shuffle_buffer or None,
+                                      local_shuffle_seed=seed + epoch if shuffle_buffer else None)
+        n = 0
+        for i, batch in enumerate(it):
+            n = i + 1
+            if skip <= i < per_epoch:
+                yield epoch, i, batch
+        if n < per_epoch:
+            raise DataError(f"epoch {epoch}: this rank got {n} micro-batches, expected {per_epoch}")
+        skip = 0
+        epoch += 1

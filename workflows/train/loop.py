@@ -1,0 +1,384 @@
+"""One training loop: Ray Train (V2) ``TorchTrainer`` runs ``train_worker`` on every worker, which
+wraps the recipe's model in ``deepspeed.initialize`` (and the discriminator in its own engine).
+
+Driver (``run_training``): resolve data, MLflow URI and storage; skip a run whose export is already
+marked done; otherwise ``TorchTrainer(...).fit()`` with ``RunConfig(name, storage_path,
+storage_filesystem, FailureConfig(max_failures))``, so a worker failure restarts from the last
+reported checkpoint and rerunning the same command resumes the same run.
+
+Worker: build -> (resume) -> steps -> checkpoint every ``checkpoint_every`` (every rank saves its
+DeepSpeed shard and reports it) -> export (rank 0, through ``storage``). Rank 0 alone talks to MLflow.
+Test hook: ``EVATOK_TEST_FAIL_ONCE=<step>:<rank>:<marker path>`` makes that rank ``os._exit(1)``
+once after that step (the marker file records that it happened).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workflows import storage
+from workflows.config import Config, ConfigError, flatten, to_dict
+from workflows.train import checkpoint as ckpt
+from workflows.train.schedules import lr_lambda
+
+ENV_PREFIXES = ("MLFLOW_", "AWS_", "EVATOK_", "RAY_DATA_")
+ENV_KEYS = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "OMP_NUM_THREADS")
+FAIL_ENV = "EVATOK_TEST_FAIL_ONCE"
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    model: str
+    steps: int
+    export_uri: str
+    mlflow_run_id: str | None
+    checkpoint_path: str | None = None
+    skipped: bool = False           # already done: nothing trained
+    metrics: dict = field(default_factory=dict)
+
+
+def run_name(cfg: Config) -> str:
+    return f"{cfg.name}-{cfg.train.model}"
+
+
+def export_uri(cfg: Config) -> str:
+    return cfg.train.output or storage.join(cfg.work_dir, "models", f"{run_name(cfg)}.pt")
+
+
+def done_uri(cfg: Config) -> str:
+    return storage.join(cfg.work_dir, "train", run_name(cfg))
+
+
+def micro_batch_size(t, world: int) -> int:
+    per = world * t.deepspeed.grad_accum
+    if t.batch_size % per:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by num_workers*grad_accum={per}")
+    return t.batch_size // per
+
+
+def deepspeed_config(t, world: int) -> dict:
+    ds = t.deepspeed
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed.zero_stage must be 0-3, got {ds.zero_stage}")
+    if ds.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.deepspeed.precision must be fp32 or bf16, got {ds.precision!r}")
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(t, world),
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """What workers need from the driver's environment (values never logged)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_KEYS}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.pop("OMP_NUM_THREADS", None)  # Ray sets it per worker from its CPU share
+    return env
+
+
+# ============================================================================ worker side
+def _engine(model, t, world, lr, betas, steps, schedule, min_lr):
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, schedule, lr, min_lr, t.warmup_steps))
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                 config=deepspeed_config(t, world))
+    return engine
+
+
+def _fmt_eta(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _maybe_fail(step: int, rank: int) -> None:
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return
+    at, who, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} after step {step}\n")
+        os._exit(1)
+
+
+def train_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from workflows.tracking import Tracker
+    from workflows.train.data import Collate, micro_batches
+    from workflows.train.recipes import make_recipe
+
+    cfg: Config = config["cfg"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if t.deepspeed.precision == "bf16" else torch.float32
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # per-rank random assignments / dropout
+    recipe = make_recipe(cfg, device, dtype, gen, classes=config["classes"])
+
+    engine = _engine(recipe.build(), t, world, t.lr, t.betas, t.steps, t.schedule, t.min_lr)
+    disc = recipe.build_disc()
+    d_engine = _engine(disc, t, world, t.disc_lr, (0.5, 0.9), t.steps, "constant", t.disc_lr) if disc is not None else None
+
+    state = ckpt.LoopState()
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = ckpt.load(d, rank, engine, d_engine, gen)
+
+    tracker = Tracker(config["tracking_uri"], cfg.mlflow.experiment, config["run_name"], enabled=rank == 0,
+                      system_metrics=cfg.mlflow.system_metrics)
+    if rank == 0:
+        state.mlflow_run_id = tracker.start(state.mlflow_run_id)
+        if resumed is None:
+            tracker.log_params(flatten(to_dict(cfg)))
+            tracker.log_input(config["data_uri"], name=f"{t.model}-train", digest=config["data_digest"])
+            tracker.set_tags({**config["upstream_tags"], **recipe.upstream(), "evatok.model": t.model})
+        print(f"[{config['run_name']}] {'resuming at' if resumed else 'starting at'} step {state.step}/{t.steps} "
+              f"(world {world}, zero {t.deepspeed.zero_stage}, {t.deepspeed.precision})", flush=True)
+
+    micro = micro_batch_size(t, world)
+    shard = ray.train.get_dataset_shard("train")
+    data = micro_batches(shard, micro, config["per_epoch"], state.epoch, state.micro_in_epoch, t.seed,
+                         Collate(config["classes"], config["targets"]))
+    ga = t.deepspeed.grad_accum
+
+    # A fixed batch (the first one this rank sees, fixed assignments) to show the loss falls.
+    fixed = None
+    metrics: dict = {}
+
+    def save_and_report(step_metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save(tmp, rank, state, engine, d_engine, gen)
+            ray.train.report({**step_metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(tmp))
+
+    t0, s0 = time.perf_counter(), state.step
+    while state.step < t.steps:
+        logs: dict = {}
+        for _ in range(ga):
+            epoch, i, batch = next(data)
+            inputs = recipe.prepare(batch)
+            if fixed is None:  # every rank evaluates (ZeRO-3 forwards are collective); rank 0 reports
+                fixed = inputs
+                engine.eval()
+                metrics["fixed_loss_start"] = recipe.eval_loss(engine, fixed)
+                engine.train()
+            d_module = d_engine.module if d_engine is not None else None
+            loss, logs, aux = recipe.train_loss(engine, inputs, state.step, d_module)
+            engine.backward(loss)
+            engine.step()
+            if d_engine is not None:
+                d_loss, d_logs = recipe.disc_loss(d_module, inputs, aux, state.step)
+                if d_loss is not None:
+                    d_engine.backward(d_loss)
+                    d_engine.step()
+                    logs.update(d_logs)
+            state.epoch, state.micro_in_epoch = epoch, i + 1
+        state.step += 1
+        state.samples += t.batch_size
+        if state.step == s0 + 1:  # throughput excludes the first step (graph warm-up, lazy init)
+            t1 = time.perf_counter()
+        logs["loss"] = float(loss.detach())
+        logs["lr"] = engine.get_lr()[0]
+        if rank == 0 and (state.step % t.log_every == 0 or state.step == t.steps):
+            el = time.perf_counter() - t0
+            sps = (state.step - s0) * t.batch_size / max(el, 1e-9)
+            eta = (t.steps - state.step) * t.batch_size / max(sps, 1e-9)
+            print(f"[{config['run_name']}] step {state.step}/{t.steps} loss {logs['loss']:.4f} "
+                  f"{sps:.1f} samples/s eta {_fmt_eta(eta)}", flush=True)
+            tracker.log_metrics({**logs, "samples_per_s": sps, "epoch": state.epoch}, step=state.step)
+        if state.step % t.checkpoint_every == 0 or state.step == t.steps:
+            save_and_report({"loss": logs["loss"]})
+        _maybe_fail(state.step, rank)
+
+    # ---------------------------------------------------------------- end: eval, samples, export
+    if state.step - s0 > 1:
+        metrics["samples_per_s"] = (state.step - s0 - 1) * t.batch_size / (time.perf_counter() - t1)
+    engine.eval()
+    if fixed is None:  # resumed at the very end (a rerun of a finished run): nothing was trained
+        inputs = recipe.prepare(next(data)[2])
+    else:
+        inputs = fixed
+    metrics["fixed_loss_end"] = recipe.eval_loss(engine, inputs)
+    if "val" in config["datasets"]:
+        val_collate = Collate(config["classes"], config["targets"])
+        val = ray.train.get_dataset_shard("val")
+        batches = (recipe.prepare(b) for b in val.iter_torch_batches(batch_size=micro, collate_fn=val_collate))
+        metrics.update(recipe.evaluate(engine, batches))
+    export = None
+    if rank == 0:
+        tracker.log_metrics(metrics, step=state.step)
+        image = recipe.sample_image(engine, inputs)
+        if image is not None:
+            tracker.log_image(image, "samples", state.step)
+        export = _export(recipe, engine, config, state, metrics)
+        tracker.set_tags({"evatok.export": export, "evatok.checkpoint_step": str(state.step)})
+        tracker.end()
+    return {"mlflow_run_id": state.mlflow_run_id, "export_uri": export, "step": state.step, "metrics": metrics}
+
+
+def _export(recipe, engine, config, state, metrics) -> str:
+    """One plain file (``evatok.export``), fp32, written atomically through storage."""
+    from evatok.export import save_model
+
+    module = copy.deepcopy(recipe.export_module(engine.module)).float().cpu()
+    meta = {"mlflow_run_id": state.mlflow_run_id or "", "step": state.step, "run_name": config["run_name"],
+            "data": storage.redact(config["data_uri"]), "data_digest": config["data_digest"],
+            "classes": list(config["classes"] or []),
+            **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+    buf = io.BytesIO()
+    save_model(module, buf, meta)
+    storage.write_bytes_atomic(config["export_uri"], buf.getvalue())
+    return config["export_uri"]
+
+
+# ============================================================================ driver side
+def _upstream_tags(cfg: Config) -> dict[str, str]:
+    """Lineage: the MLflow run ids recorded in the done markers of the stages this run reads."""
+    tags = {}
+    for name, uri in (("data", cfg.train.data), ("labels", cfg.train.labels)):
+        if not uri:
+            continue
+        try:
+            info = storage.read_done(uri) or {}
+        except storage.StorageError:
+            info = {}
+        if info.get("mlflow_run_id"):
+            tags[f"upstream.{name}_run_id"] = str(info["mlflow_run_id"])
+    return tags
+
+
+def _prepare_data(cfg: Config):
+    """Datasets for the trainer plus what every worker must agree on."""
+    import pyarrow as pa
+
+    from workflows.train import data as D
+    from workflows.train.recipes import RECIPES
+
+    t = cfg.train
+    uri = D.parquet_prefix(t.data)
+    recipe_cls = RECIPES.get(t.model)
+    if recipe_cls is None:
+        raise ConfigError(f"unknown train.model {t.model!r}; choose from {sorted(RECIPES)}")
+    columns = list(recipe_cls.columns)
+    classes, targets, rewards = None, None, None
+    if t.model == "ar":
+        labels = storage.read_table(uri, columns=["label"]).column("label")
+        classes = sorted({str(x) for x in labels.to_pylist() if x is not None})
+    if t.model == "router":
+        if not t.labels:
+            raise ConfigError("the router recipe needs train.labels (a Parquet prefix with clip_id, assignment)")
+        lt = storage.read_table(t.labels)
+        if "clip_id" not in lt.column_names or "assignment" not in lt.column_names:
+            raise ConfigError(f"labels at {storage.redact(t.labels)} need columns clip_id and assignment; "
+                              f"found {lt.column_names}")
+        targets = dict(zip(lt.column("clip_id").to_pylist(), (int(a) for a in lt.column("assignment").to_pylist())))
+        if "reward" in lt.column_names and pa.types.is_list(lt.schema.field("reward").type):
+            rewards = dict(zip(lt.column("clip_id").to_pylist(), lt.column("reward").to_pylist()))
+        elif (storage.read_done(t.labels) or {}).get("scores"):  # a label-stage output: rewards from scores/
+            from workflows.label import reward_rows
+
+            rewards = reward_rows(t.labels)
+    ds = D.open_dataset(uri, columns)
+    datasets = {"train": ds}
+    if t.model == "router":
+        ds = ds.filter(lambda r, _k=set(targets): r["clip_id"] in _k)
+        if t.val_data:
+            val = D.open_dataset(D.parquet_prefix(t.val_data), columns)
+        else:  # [I] deterministic held-out split: every clip whose id hashes into the last 1/val_every
+            held = {c for c in targets if zlib.crc32(c.encode()) % t.val_every == 0} if t.val_every > 0 else set()
+            val = ds.filter(lambda r, _h=held: r["clip_id"] in _h)
+            ds = ds.filter(lambda r, _h=held: r["clip_id"] not in _h)
+        if rewards is not None:
+            def add_reward(b, _r=rewards):
+                import numpy as np
+                b["reward"] = np.stack([np.asarray(_r[str(c)], dtype=np.float32) for c in b["clip_id"]])
+                return b
+            val = val.map_batches(add_reward, batch_format="numpy")
+        datasets = {"train": ds, "val": val}
+    rows = ds.count()
+    world = t.num_workers
+    per_epoch = rows // (world * micro_batch_size(t, world))
+    if per_epoch < 1:  # fail on the driver, before workers start (and retry) in vain
+        raise ConfigError(f"{rows} training rows at {storage.redact(uri)} are fewer than one global batch "
+                          f"({world} workers x {micro_batch_size(t, world)})")
+    return datasets, uri, D.files_digest(uri), rows, per_epoch, classes, targets
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Train ``cfg.train.model`` with the shared loop; resume a run of the same name; skip a finished one."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workflows.tracking import resolve_tracking_uri
+
+    t = cfg.train
+    name = run_name(cfg)
+    done = storage.read_done(done_uri(cfg))
+    if done is not None:
+        print(f"[{name}] already finished: {storage.redact(done.get('export_uri'))} (nothing to do)", flush=True)
+        return TrainResult(name, t.model, int(done["steps"]), done["export_uri"], done.get("mlflow_run_id"),
+                           done.get("checkpoint_path"), skipped=True, metrics=done.get("metrics", {}))
+    micro_batch_size(t, t.num_workers)
+    deepspeed_config(t, t.num_workers)
+    if t.schedule not in ("cosine", "wsd", "constant"):
+        raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {t.schedule!r}")
+    if not ray.is_initialized():
+        ray.init()
+    datasets, uri, digest, rows, per_epoch, classes, targets = _prepare_data(cfg)
+    fs, path = storage.to_pyarrow(storage.join(cfg.work_dir, "ray_results"))
+    loop_config = {
+        "cfg": cfg, "run_name": name, "tracking_uri": resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.work_dir),
+        "data_uri": uri, "data_digest": digest, "rows": rows, "per_epoch": per_epoch, "classes": classes,
+        "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
+        "upstream_tags": _upstream_tags(cfg),
+    }
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(t.use_gpu)},
+        ),
+    )
+    result = trainer.fit()
+    out = result.return_value or {}
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    res = TrainResult(name, t.model, int(out.get("step", t.steps)), out.get("export_uri") or export_uri(cfg),
+                      out.get("mlflow_run_id"), ckpt_path, metrics=out.get("metrics", {}))
+    storage.mark_done(done_uri(cfg), {"steps": res.steps, "export_uri": res.export_uri,
+                                      "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": ckpt_path,
+                                      "metrics": res.metrics})
+    return res

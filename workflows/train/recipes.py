@@ -1,0 +1,333 @@
+"""The four recipes over the one loop: what is trained, on which inputs, with which loss.
+
+A recipe builds the trainable module (and the discriminator, for tokenizers), turns a data batch
+into model inputs (``prepare``), and gives the loss. The loop owns engines, optimizers, schedules,
+checkpoints and logging.
+
+- ``proxy``: the adaptive tokenizer on one uniformly random assignment per sample (mixed in a batch),
+  drawn from the recipe's own generator (checkpointed per rank).
+- ``router``: 625-way cross-entropy on curated labels; top-1/top-5 and reward percentile on held out clips.
+- ``final``: the tokenizer trained from scratch on the assignments of a frozen router.
+- ``ar``: sequences built from the frozen final tokenizer's codes under the frozen router's assignments
+  (codes computed on the fly: [I] no separate "encode" stage), class dropout for guidance.
+
+Tokenizer recipes train ``TokenizerModule`` (tokenizer + the optional alignment projector) with
+``TokenizerLoss``; the discriminators (PatchGAN + optional semantic heads) and the LeCam EMAs live in
+``Discriminators``, trained by their own engine and optimizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from evatok.assignment import AssignmentSpace
+from workflows import storage
+from workflows.config import Config
+
+
+def load_frozen(uri: str, what: str, device) -> nn.Module:
+    from evatok.export import load_model
+
+    if not uri:
+        raise ValueError(f"this recipe needs a trained {what}: set train.{what}")
+    model = load_model(io.BytesIO(storage.read_bytes(uri)), map_location=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def grid_image(x: torch.Tensor, y: torch.Tensor, n: int = 4) -> np.ndarray:
+    """Rows: clips; columns: one frame per block of the input, then of the reconstruction. uint8 HxWx3."""
+    x, y = x[:n].float().detach().cpu(), y[:n].float().detach().cpu()
+    t = x.shape[2]
+    idx = list(range(0, t, max(1, t // 4)))
+    rows = [torch.cat([v[b, :, i] for v in (x, y) for i in idx], dim=2) for b in range(x.shape[0])]
+    img = torch.cat(rows, dim=1).permute(1, 2, 0).add(0.5).clamp(0, 1).mul(255)
+    return img.round().to(torch.uint8).numpy()
+
+
+class Recipe:
+    kind = ""                # evatok.export kind
+    columns: list[str] = ["frames", "shape"]
+    has_disc = False
+
+    def __init__(self, cfg: Config, device, dtype=torch.float32, generator: torch.Generator | None = None):
+        self.cfg, self.t, self.device, self.dtype = cfg, cfg.train, device, dtype
+        self.generator = generator or torch.Generator().manual_seed(cfg.train.seed)
+
+    def video(self, batch) -> torch.Tensor:
+        return batch["video"].to(self.device, self.dtype)
+
+    def build_disc(self) -> nn.Module | None:
+        return None
+
+    def disc_loss(self, disc, inputs, aux, step):
+        return None, {}
+
+    def evaluate(self, model, batches) -> dict:
+        return {}
+
+    def sample_image(self, model, inputs) -> np.ndarray | None:
+        return None
+
+    def upstream(self) -> dict[str, str]:
+        """Lineage tags: the MLflow run ids of the frozen models this recipe reads."""
+        return {}
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class TokenizerModule(nn.Module):
+    """What the generator engine trains: the tokenizer and (optional) alignment projector."""
+
+    def __init__(self, tokenizer: nn.Module, aligner: nn.Module | None):
+        super().__init__()
+        self.tokenizer, self.aligner = tokenizer, aligner
+
+    def forward(self, x, counts):
+        return self.tokenizer(x, counts)
+
+
+class Discriminators(nn.Module):
+    """What the discriminator engine trains: PatchGAN, optional semantic heads, and the LeCam EMAs."""
+
+    def __init__(self, disc: nn.Module, semantic: nn.Module | None, objective: nn.Module):
+        super().__init__()
+        self.disc, self.semantic, self.objective = disc, semantic, objective
+
+
+class TokenizerRecipe(Recipe):
+    kind = "tokenizer"
+
+    def __init__(self, cfg, device, dtype=torch.float32, generator=None):
+        super().__init__(cfg, device, dtype, generator)
+        from evatok import losses, tokenizer
+
+        base = tokenizer.PRESETS[self.t.preset]()
+        self.tok_cfg = dataclasses.replace(base, frames=cfg.data.clip_len, size=cfg.data.size)
+        self.space = AssignmentSpace(self.tok_cfg.counts, self.tok_cfg.num_blocks)
+        self.loss_cfg = losses.LossConfig(
+            disc_start=self.t.disc_start, disc="paper" if self.t.preset.startswith("paper") else "tiny",
+            lpips_backbone=self.t.lpips_backbone, align_encoder=self.t.align_encoder,
+            semantic_disc_encoder=self.t.semantic_disc_encoder)
+        self.has_disc = self.loss_cfg.disc_start >= 0
+        self.lpips = losses.build_lpips(self.loss_cfg)
+        if self.lpips is not None:
+            self.lpips = self.lpips.to(device).eval()
+        self._objective = losses.TokenizerLoss(self.loss_cfg)
+
+    def build(self) -> nn.Module:
+        from evatok import losses
+        from evatok.tokenizer import AdaptiveTokenizer
+
+        tok = AdaptiveTokenizer(self.tok_cfg)
+        return TokenizerModule(tok, losses.build_aligner(self.loss_cfg, self.tok_cfg.dec_dim))
+
+    def build_disc(self):
+        if not self.has_disc:
+            return None
+        from evatok import losses
+        from evatok.discriminator import build_discriminator
+
+        disc = build_discriminator(self.loss_cfg.disc, patch=(self.tok_cfg.patch_t, self.tok_cfg.patch_s,
+                                                              self.tok_cfg.patch_s))
+        return Discriminators(disc, losses.build_semantic_disc(self.loss_cfg), self._objective)
+
+    def assignments(self, video) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, batch) -> dict:
+        video = self.video(batch)
+        return {"video": video, "counts": self.assignments(video).to(self.device)}
+
+    def _objective_of(self, disc):
+        return disc.objective if disc is not None else self._objective
+
+    def train_loss(self, model, inputs, step, disc=None):
+        out = model(inputs["video"], inputs["counts"])
+        mod = model.module if hasattr(model, "module") else model
+        obj = self._objective_of(disc)
+        loss, logs = obj(inputs["video"], out, step, disc=disc.disc if disc is not None else None,
+                         semantic_disc=disc.semantic if disc is not None else None,
+                         aligner=mod.aligner, lpips=self.lpips)
+        return loss, logs, {"recon": out.recon}
+
+    def disc_loss(self, disc, inputs, aux, step):
+        obj = disc.objective
+        if not obj.gan_active(step):
+            return None, {}
+        return obj.disc_loss(inputs["video"], aux["recon"], step, disc.disc, disc.semantic)
+
+    @torch.no_grad()
+    def eval_loss(self, model, inputs) -> float:
+        """Reconstruction L1 on a fixed batch and fixed assignments (no GAN: it is non-stationary)."""
+        out = model(inputs["video"], inputs["counts"])
+        return float((out.recon.float() - inputs["video"].float()).abs().mean())
+
+    @torch.no_grad()
+    def sample_image(self, model, inputs):
+        out = model(inputs["video"], inputs["counts"])
+        return grid_image(inputs["video"], out.recon)
+
+    def export_module(self, model):
+        return model.tokenizer
+
+
+class ProxyRecipe(TokenizerRecipe):
+    def assignments(self, video):
+        idx = torch.randint(self.space.size, (video.shape[0],), generator=self.generator)
+        return self.space.table[idx]
+
+
+class FinalRecipe(TokenizerRecipe):
+    def __init__(self, cfg, device, dtype=torch.float32, generator=None):
+        super().__init__(cfg, device, dtype, generator)
+        self.router = load_frozen(self.t.router, "router", device)
+        if tuple(self.router.config.counts) != tuple(self.tok_cfg.counts):
+            raise ValueError(f"router counts {self.router.config.counts} != tokenizer counts {self.tok_cfg.counts}")
+
+    def assignments(self, video):
+        return self.router.counts(self.router.predict(video.float()))
+
+    def upstream(self):
+        return {"upstream.router_run_id": str(self.router.export_meta.get("mlflow_run_id", ""))}
+
+
+# ----------------------------------------------------------------------------- router
+class RouterRecipe(Recipe):
+    kind = "router"
+    columns = ["clip_id", "frames", "shape"]
+
+    def __init__(self, cfg, device, dtype=torch.float32, generator=None):
+        super().__init__(cfg, device, dtype, generator)
+        from evatok import router
+
+        base = router.PRESETS[self.t.preset]()
+        self.router_cfg = dataclasses.replace(base, image_size=cfg.data.size, num_frames=cfg.data.clip_len)
+
+    def build(self):
+        from evatok.router import Router
+
+        return Router(self.router_cfg)
+
+    def prepare(self, batch):
+        out = {"video": self.video(batch), "target": batch["target"].to(self.device)}
+        if "reward" in batch:
+            out["reward"] = batch["reward"]
+        return out
+
+    def train_loss(self, model, inputs, step, disc=None):
+        logits = model(inputs["video"]).float()
+        loss = nn.functional.cross_entropy(logits, inputs["target"])
+        return loss, {"ce": float(loss.detach())}, {}
+
+    @torch.no_grad()
+    def eval_loss(self, model, inputs):
+        return float(nn.functional.cross_entropy(model(inputs["video"]).float(), inputs["target"]))
+
+    @torch.no_grad()
+    def evaluate(self, model, batches) -> dict:
+        from evatok.assignment import reward_percentile
+
+        n = top1 = top5 = 0
+        rewards, chosen = [], []
+        for inputs in batches:
+            logits = model(inputs["video"]).float()
+            top = logits.topk(5, dim=-1).indices
+            tgt = inputs["target"]
+            top1 += int((top[:, 0] == tgt).sum())
+            top5 += int((top == tgt[:, None]).any(-1).sum())
+            n += len(tgt)
+            if "reward" in inputs:
+                rewards.append(inputs["reward"].float().cpu())
+                chosen.append(top[:, 0].cpu())
+        if n == 0:
+            return {}
+        out = {"val/top1": top1 / n, "val/top5": top5 / n, "val/clips": float(n)}
+        if rewards:
+            out["val/reward_percentile"] = reward_percentile(torch.cat(rewards), torch.cat(chosen))
+        return out
+
+
+# ----------------------------------------------------------------------------- AR
+class ARRecipe(Recipe):
+    kind = "ar"
+    columns = ["frames", "shape", "label"]
+
+    def __init__(self, cfg, device, dtype=torch.float32, generator=None, classes: list[str] | None = None):
+        super().__init__(cfg, device, dtype, generator)
+        from evatok import ar
+
+        self.tokenizer = load_frozen(self.t.tokenizer, "tokenizer", device)
+        self.router = load_frozen(self.t.router, "router", device)
+        tc = self.tokenizer.config
+        base = ar.PRESETS[self.t.preset]()
+        self.ar_cfg = dataclasses.replace(base, codebook_size=tc.codebook_size, counts=tuple(tc.counts),
+                                          num_blocks=tc.num_blocks,
+                                          num_classes=len(classes) if classes else base.num_classes)
+
+    def build(self):
+        from evatok.ar import ARModel
+
+        return ARModel(self.ar_cfg)
+
+    @torch.no_grad()
+    def prepare(self, batch):
+        video = batch["video"].to(self.device)
+        counts = self.router.counts(self.router.predict(video))
+        codes, _ = self.tokenizer.encode(video, counts)
+        labels = batch.get("class_id")
+        from evatok.ar import SequenceLayout  # noqa: F401  (layout lives on the model)
+
+        return {"codes": codes.cpu(), "counts": counts.cpu(), "labels": None if labels is None else labels.cpu()}
+
+    def _sequences(self, model, inputs, dropout: bool):
+        mod = model.module if hasattr(model, "module") else model
+        tokens, targets, _ = mod.layout.build_sequence(inputs["codes"], inputs["counts"], inputs["labels"])
+        if dropout:
+            tokens = mod.drop_class(tokens, generator=self.generator)
+        return tokens.to(self.device), targets.to(self.device)
+
+    def train_loss(self, model, inputs, step, disc=None):
+        tokens, targets = self._sequences(model, inputs, dropout=True)
+        _, loss = model(tokens, targets)
+        return loss, {"ce": float(loss.detach())}, {}
+
+    @torch.no_grad()
+    def eval_loss(self, model, inputs):
+        tokens, targets = self._sequences(model, inputs, dropout=False)
+        return float(model(tokens, targets)[1])
+
+    @torch.no_grad()
+    def sample_image(self, model, inputs):
+        mod = model.module if hasattr(model, "module") else model
+        labels = torch.arange(min(2, self.ar_cfg.num_classes))
+        g = torch.Generator().manual_seed(0)
+        seq = mod.generate(labels, cfg_scale=1.0, generator=g)
+        seq = seq[0] if isinstance(seq, tuple) else seq
+        codes, counts = mod.layout.parse_sequence(seq.cpu())
+        codes = nn.utils.rnn.pad_sequence([c.long() for c in codes], batch_first=True).to(self.device)
+        video = self.tokenizer.decode(codes, counts.to(self.device))
+        return grid_image(video, video)
+
+    def upstream(self):
+        return {"upstream.tokenizer_run_id": str(self.tokenizer.export_meta.get("mlflow_run_id", "")),
+                "upstream.router_run_id": str(self.router.export_meta.get("mlflow_run_id", ""))}
+
+
+RECIPES = {"proxy": ProxyRecipe, "router": RouterRecipe, "final": FinalRecipe, "ar": ARRecipe}
+
+
+def make_recipe(cfg: Config, device, dtype=torch.float32, generator=None, classes=None) -> Recipe:
+    if cfg.train.model not in RECIPES:
+        raise ValueError(f"unknown train.model {cfg.train.model!r}; choose from {sorted(RECIPES)}")
+    cls = RECIPES[cfg.train.model]
+    if cls is ARRecipe:
+        return cls(cfg, device, dtype, generator, classes=classes)
+    return cls(cfg, device, dtype, generator)
