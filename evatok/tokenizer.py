@@ -280,8 +280,10 @@ class AdaptiveTokenizer(nn.Module):
                            [[] for _ in self.decoder], [])
 
     def prefix_step(self, state: PrefixState, counts=None):
-        """Evaluate block ``t = state.depth + 1`` for each candidate count (all together against the parent's
-        cache, read once; a block-diagonal mask keeps the children apart).
+        """Evaluate block ``t = state.depth + 1`` for each candidate count (or the given subset), all children
+        together against the parent's cache, read once: encoder queries and decoder cross-attention keys are
+        concatenated with block-diagonal masks among children; the decoder's self-attention runs the children
+        as groups of equal size (no mask). Equals full passes up to float rounding.
 
         Returns (recon ``[n, B, 3, patch_t, H, W]`` of block t, codes: list of n ``[B, k]``, children: n states).
         """
@@ -290,6 +292,8 @@ class AdaptiveTokenizer(nn.Module):
         t, hw, dev = state.depth, c.hw, self.patch_block.device
         if t >= c.num_blocks:
             raise ValueError(f"prefix {state.counts} is already complete")
+        if not set(counts) <= set(c.counts):
+            raise ValueError(f"token counts must be among {c.counts}, got {counts}")
         offs = [0]
         for k in counts:
             offs.append(offs[-1] + k)

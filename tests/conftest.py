@@ -43,6 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_uri():
+    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI: keep one test's server or SQLite
+    file from becoming the next test's default."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of small models (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a busy 2-core box two OpenMP threads spin-wait on each other, 7-20x slower than one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- S3 (moto server mode)
 @pytest.fixture(scope="session")
 def s3_server():

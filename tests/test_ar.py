@@ -9,17 +9,9 @@ import torch
 from evatok.ar import IGNORE_INDEX, PRESETS, ARConfig, ARModel, MalformedSequenceError, num_params
 from evatok.ar_sampling import filter_logits
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = PRESETS["tiny"]()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared 2-core box, one intra-op thread is several times faster
-    than two fighting other processes. Restored afterwards so other modules are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small(**kw) -> ARConfig:

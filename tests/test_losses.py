@@ -16,7 +16,7 @@ from evatok.semantic import Aligner, SemanticDiscriminator, load_frozen_encoder,
 from evatok.synthetic import CLASSES, make_video
 from evatok.tokenizer import TokenizerOutput
 
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sp(v: float) -> float:  # softplus by hand
@@ -27,15 +27,6 @@ def output(recon, losses=None, features=None) -> TokenizerOutput:
     b = recon.shape[0]
     return TokenizerOutput(recon, torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
                            losses or {}, features)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two threads fighting over a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ import torch
 from evatok import metrics
 from evatok.metrics import FVD, LPIPS, MissingWeightsError, block_metrics, frame_metrics, frechet_distance
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small convs on a busy 2-core box: 2 OpenMP threads spin-wait each other (10x slower than 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def const(v, b=1, t=2, h=16, w=16):

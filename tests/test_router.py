@@ -7,14 +7,7 @@ import torch
 from evatok.assignment import AssignmentSpace
 from evatok.router import PRESETS, NoFeasibleAssignmentError, Router, RouterConfig, constraint_mask, num_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core box: one intra-op thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

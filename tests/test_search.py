@@ -7,18 +7,11 @@ from evatok.metrics import frame_metrics
 from evatok.search import score_assignments, score_assignments_bruteforce
 from evatok.tokenizer import AdaptiveTokenizer, TokenizerConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The tiny preset's structure (4 blocks x 5 power-of-two counts, 4x4 grid a block) at 16x16 pixels, where
 # 2 x 625 full passes and their SSIM are quick.
 SMALL = dict(size=16, patch_s=4, counts=(1, 2, 4, 8, 16), enc_dim=32, dec_dim=32, enc_heads=2, dec_heads=2, codebook_size=256)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one thread avoids OpenMP oversubscription when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

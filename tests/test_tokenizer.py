@@ -1,6 +1,4 @@
-import itertools
 import math
-import time
 
 import pytest
 import torch
@@ -10,18 +8,11 @@ from evatok.assignment import AssignmentSpace
 from evatok.quantizer import VectorQuantizer
 from evatok.tokenizer import PRESETS, AdaptiveTokenizer, TokenizerConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # A small model with the tiny preset's structure (4 blocks, 5 power-of-two counts, full pyramid) for the
 # tests that need hundreds of passes: 16x16 frames, 4x4x4 patches -> 4x4 grid a block, counts 1..16.
 SMALL = dict(size=16, patch_s=4, counts=(1, 2, 4, 8, 16), enc_dim=32, dec_dim=32, enc_heads=2, dec_heads=2, codebook_size=256)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one thread avoids OpenMP oversubscription when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def model(**kw) -> AdaptiveTokenizer:
@@ -178,17 +169,19 @@ def test_quantizer_losses_and_straight_through():
 
 
 def test_training_smoke_reconstruction_drops():
-    """Tiny preset, plain AdamW on 4 fixed smooth clips with random assignments: MSE falls well below start."""
+    """Tiny preset, plain AdamW, 4 fixed smooth clips, random assignments: the reconstruction MSE falls well
+    below its start, and below the clips' own variance (so it learned more than each clip's mean colour)."""
     torch.manual_seed(0)
     m = AdaptiveTokenizer(PRESETS["tiny"]()).train()
-    x = clips(4, 64, seed=11)
+    g = torch.Generator().manual_seed(11)
+    x = F.interpolate(torch.rand(4, 3, 2, 2, 2, generator=g), size=(16, 64, 64), mode="trilinear") - 0.5
+    variance = float(((x - x.mean((2, 3, 4), keepdim=True)) ** 2).mean())
     space = AssignmentSpace(m.config.counts)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    losses, t0 = [], time.time()
-    for step in range(60):
-        counts = space.table[torch.randint(625, (4,), generator=g)]
-        out = m(x, counts)
+    losses = []
+    for _ in range(60):
+        out = m(x, space.table[torch.randint(625, (4,), generator=g)])
         rec = F.mse_loss(out.recon, x)
         loss = rec + out.losses["codebook"] + out.losses["commit"] + 0.02 * out.losses["entropy"]
         opt.zero_grad()
@@ -196,4 +189,4 @@ def test_training_smoke_reconstruction_drops():
         opt.step()
         losses.append(rec.item())
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
-    assert math.isfinite(end) and end < 0.5 * start, (start, end, time.time() - t0)
+    assert math.isfinite(end) and end < 0.5 * start and end < variance, (start, end, variance)

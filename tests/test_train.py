@@ -72,7 +72,7 @@ def test_router_resumes_after_worker_kill_on_s3_and_rerun_is_a_noop(ray_local, s
 
 
 def test_tokenizer_recipes_and_ar_train_and_export(ray_local, clips_dir, tmp_path):
-    """proxy (ZeRO-2, GAN) -> router file -> final (ZeRO-2, bf16) -> AR (ZeRO-0, WSD)."""
+    """proxy (ZeRO-2, GAN) -> router file -> final (ZeRO-2, bf16) -> AR (ZeRO-3, WSD)."""
     from evatok.export import save_model
     from evatok.router import PRESETS, Router
     from workflows.train import run_training
@@ -97,7 +97,7 @@ def test_tokenizer_recipes_and_ar_train_and_export(ray_local, clips_dir, tmp_pat
 
     ar = run_training(load_config(None, base + [
         "name=t", "train.model=ar", "train.steps=4", "train.schedule=wsd", f"train.router={tmp_path / 'router.pt'}",
-        f"train.tokenizer={final.export_uri}", "train.deepspeed.zero_stage=0"]))
+        f"train.tokenizer={final.export_uri}", "train.deepspeed.zero_stage=3"]))
     assert ar.metrics["fixed_loss_end"] < ar.metrics["fixed_loss_start"]
     model = _load_export(ar.export_uri)
     assert type(model).__name__ == "ARModel" and model.export_meta["classes"]

@@ -13,7 +13,6 @@ once after that step (the marker file records that it happened).
 """
 from __future__ import annotations
 
-import copy
 import io
 import os
 import tempfile
@@ -229,28 +228,56 @@ def train_worker(config: dict) -> dict:
         batches = (recipe.prepare(b) for b in val.iter_torch_batches(batch_size=micro, collate_fn=val_collate))
         metrics.update(recipe.evaluate(engine, batches))
     export = None
+    weights = full_fp32_state(recipe.export_module(engine.module), t.deepspeed.zero_stage)  # collective
     if rank == 0:
         tracker.log_metrics(metrics, step=state.step)
-        image = recipe.sample_image(engine, inputs)
+        # The plain evatok model, rebuilt from its config with the full fp32 weights: what is exported,
+        # and what draws the sample images (an engine forward on rank 0 alone would hang under ZeRO-3).
+        trained = recipe.export_module(engine.module)
+        final_model = type(trained)(trained.config)
+        final_model.load_state_dict(weights)
+        image = recipe.sample_image(final_model.to(device).eval(), inputs)
         if image is not None:
             tracker.log_image(image, "samples", state.step)
-        export = _export(recipe, engine, config, state, metrics)
+        export = _export(final_model.cpu(), config, state, metrics)
         tracker.set_tags({"evatok.export": export, "evatok.checkpoint_step": str(state.step)})
         tracker.end()
     return {"mlflow_run_id": state.mlflow_run_id, "export_uri": export, "step": state.step, "metrics": metrics}
 
 
-def _export(recipe, engine, config, state, metrics) -> str:
+def full_fp32_state(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The module's weights as full fp32 CPU tensors, on every rank (all ranks must call it).
+
+    Trained parameters come from the optimizer's fp32 master copies where DeepSpeed keeps them (bf16
+    training, ZeRO 1-3), not from the bf16 working copy; under ZeRO-3 the partitioned parameters are
+    gathered first (``GatheredParameters`` and the fp32 gather are collectives)."""
+    import contextlib
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(module.named_parameters())
+    gather = deepspeed.zero.GatheredParameters(list(params.values())) if zero_stage == 3 else contextlib.nullcontext()
+    with gather:
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    for name, p in params.items():
+        if p.requires_grad and name in state:
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                state[name] = master.detach().cpu().clone()
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _export(model, config, state, metrics) -> str:
     """One plain file (``evatok.export``), fp32, written atomically through storage."""
     from evatok.export import save_model
 
-    module = copy.deepcopy(recipe.export_module(engine.module)).float().cpu()
     meta = {"mlflow_run_id": state.mlflow_run_id or "", "step": state.step, "run_name": config["run_name"],
             "data": storage.redact(config["data_uri"]), "data_digest": config["data_digest"],
             "classes": list(config["classes"] or []),
             **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
     buf = io.BytesIO()
-    save_model(module, buf, meta)
+    save_model(model, buf, meta)
     storage.write_bytes_atomic(config["export_uri"], buf.getvalue())
     return config["export_uri"]
 

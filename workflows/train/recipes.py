@@ -72,6 +72,7 @@ class Recipe:
         return {}
 
     def sample_image(self, model, inputs) -> np.ndarray | None:
+        """An image for MLflow, drawn by the plain exported ``model`` (fp32, rank 0 only)."""
         return None
 
     def upstream(self) -> dict[str, str]:
@@ -172,8 +173,8 @@ class TokenizerRecipe(Recipe):
 
     @torch.no_grad()
     def sample_image(self, model, inputs):
-        out = model(inputs["video"], inputs["counts"])
-        return grid_image(inputs["video"], out.recon)
+        video = inputs["video"].float()
+        return grid_image(video, model(video, inputs["counts"]).recon)
 
     def export_module(self, model):
         return model.tokenizer
@@ -306,12 +307,11 @@ class ARRecipe(Recipe):
 
     @torch.no_grad()
     def sample_image(self, model, inputs):
-        mod = model.module if hasattr(model, "module") else model
         labels = torch.arange(min(2, self.ar_cfg.num_classes))
         g = torch.Generator().manual_seed(0)
-        seq = mod.generate(labels, cfg_scale=1.0, generator=g)
+        seq = model.generate(labels, cfg_scale=1.0, generator=g)
         seq = seq[0] if isinstance(seq, tuple) else seq
-        codes, counts = mod.layout.parse_sequence(seq.cpu())
+        codes, counts = model.layout.parse_sequence(seq.cpu())
         codes = nn.utils.rnn.pad_sequence([c.long() for c in codes], batch_first=True).to(self.device)
         video = self.tokenizer.decode(codes, counts.to(self.device))
         return grid_image(video, video)
