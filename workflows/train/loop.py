@@ -169,10 +169,16 @@ def train_worker(config: dict) -> dict:
     fixed = None
     metrics: dict = {}
 
+    ckpt_s = 0.0  # checkpoint time, kept out of the throughput figure (its cost depends on checkpoint_every)
+
     def save_and_report(step_metrics: dict) -> None:
+        nonlocal ckpt_s
+        c0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save(tmp, rank, state, engine, d_engine, gen)
             ray.train.report({**step_metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(tmp))
+        if state.step > s0 + 1:
+            ckpt_s += time.perf_counter() - c0
 
     t0, s0 = time.perf_counter(), state.step
     while state.step < t.steps:
@@ -215,7 +221,8 @@ def train_worker(config: dict) -> dict:
 
     # ---------------------------------------------------------------- end: eval, samples, export
     if state.step - s0 > 1:
-        metrics["samples_per_s"] = (state.step - s0 - 1) * t.batch_size / (time.perf_counter() - t1)
+        metrics["samples_per_s"] = (state.step - s0 - 1) * t.batch_size / (time.perf_counter() - t1 - ckpt_s)
+        metrics["checkpoint_s"] = ckpt_s
     engine.eval()
     if fixed is None:  # resumed at the very end (a rerun of a finished run): nothing was trained
         inputs = recipe.prepare(next(data)[2])
