@@ -87,6 +87,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     data: str = ""              # URI of the training clips (an ingest output prefix or its clips/)
+    cache_data_mb: int = 256    # training data up to this size is held in the object store across epochs
     labels: str = ""            # router: Parquet prefix with clip_id, assignment (+ optional reward list)
     val_data: str = ""          # router: held-out clips; "" -> clips whose id hashes to 0 mod val_every
     val_every: int = 8

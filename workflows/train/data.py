@@ -51,11 +51,17 @@ def files_digest(uri: str) -> str:
     return digest(f"{u}|{s}|{e}" for u, s, e in storage.list_files(uri, (".parquet",)))
 
 
-def open_dataset(uri: str, columns: list[str] | None = None):
+def open_dataset(uri: str, columns: list[str] | None = None, cache_bytes: int = 0):
+    """The clips at ``uri`` as a Ray Dataset. A dataset whose files total at most ``cache_bytes`` is
+    materialised once in the object store: every epoch would otherwise start a new streaming read,
+    a cost that dominates when an epoch is only a few steps."""
     import ray.data
 
     fs, path = storage.to_pyarrow(uri)
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    if cache_bytes and sum(size for _, size, _ in storage.list_files(uri, (".parquet",))) <= cache_bytes:
+        ds = ds.materialize()
+    return ds
 
 
 def to_video(frames: np.ndarray) -> torch.Tensor:

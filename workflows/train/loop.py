@@ -336,7 +336,7 @@ def _prepare_data(cfg: Config):
             from workflows.label import reward_rows
 
             rewards = reward_rows(t.labels)
-    ds = D.open_dataset(uri, columns)
+    ds = D.open_dataset(uri, columns, cache_bytes=t.cache_data_mb * 2**20)
     datasets = {"train": ds}
     if t.model == "router":
         ds = ds.filter(lambda r, _k=set(targets): r["clip_id"] in _k)
