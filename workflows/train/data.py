@@ -12,7 +12,6 @@ resumed epoch skips the right *number* of samples per rank, not necessarily the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -24,15 +23,6 @@ from workflows.clips import digest, frames_from_batch
 
 class DataError(ValueError):
     pass
-
-
-@dataclass
-class DataInfo:
-    uri: str                      # the Parquet prefix actually read
-    rows: int
-    digest: str                   # of the sorted (uri, size, etag) of its files
-    classes: list[str] = field(default_factory=list)   # sorted class names (AR conditioning)
-    targets: dict[str, int] | None = None               # clip_id -> label index (router)
 
 
 def parquet_prefix(uri: str) -> str:
