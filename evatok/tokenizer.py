@@ -50,6 +50,7 @@ class TokenizerConfig:
     beta: float = 0.25
     entropy_temperature: float = 0.01
     align_layer: int = 1
+    query_init: str = "cells"  # decoder 3D queries from: "cells" | "finest" | "first" (paper); see _seed
 
     def __post_init__(self):
         self.counts = tuple(int(c) for c in self.counts)
@@ -59,6 +60,8 @@ class TokenizerConfig:
             raise ValueError(f"counts must be increasing powers of two, got {self.counts}")
         if self.kmax > 2 * self.grid ** 2:
             raise ValueError(f"{self.kmax} tokens need a pyramid finer than the {self.grid}x{self.grid} grid")
+        if self.query_init not in ("cells", "finest", "first"):
+            raise ValueError(f"query_init must be 'cells', 'finest' or 'first', got {self.query_init!r}")
         if not 1 <= self.align_layer <= self.dec_layers:
             raise ValueError(f"align_layer must be in [1, {self.dec_layers}], got {self.align_layer}")
 
@@ -107,6 +110,20 @@ class PrefixState:
     codes: list = field(default_factory=list)  # [block] -> [B, k]
 
 
+def pyramid_cover(kmax: int, grid: int) -> torch.Tensor:
+    """``[grid*grid, kmax]`` 0/1: entry (p, j) is 1 when pyramid cell j (the global mean, then the 1x1, 1x2,
+    2x2, 2x4, ... grids, in ``AdaptiveTokenizer.pyramid``'s order) covers patch p (row-major). The first
+    k columns are the cover of k tokens, since the pyramid of k tokens is a prefix of the one of kmax."""
+    cols = [torch.ones(grid * grid)]
+    r = torch.arange(grid).repeat_interleave(grid)
+    c = torch.arange(grid).repeat(grid)
+    for j in range(int(math.log2(kmax))):
+        rows, cls = 2 ** (j // 2), 2 ** (j - j // 2)
+        cell = (r * rows // grid) * cls + (c * cls // grid)
+        cols.append(F.one_hot(cell, rows * cls).float())
+    return torch.cat([x.reshape(grid * grid, -1) for x in cols], 1)
+
+
 def _cat(segs: list[KV], own: KV) -> KV:
     """Keys/values of cached segments followed by ``own``, in one copy."""
     if not segs:
@@ -143,6 +160,16 @@ class AdaptiveTokenizer(nn.Module):
         self.dec_norm = nn.LayerNorm(c.dec_dim)
         self.to_pixels = nn.Linear(c.dec_dim, c.patch_dim)
         self.register_buffer("patch_block", torch.arange(nb * hw) // hw, persistent=False)
+        full = pyramid_cover(c.kmax, c.grid)
+        cover = torch.zeros(len(c.counts), hw, c.kmax)
+        for i, k in enumerate(c.counts):
+            lo = {"cells": 0, "finest": k // 2, "first": 0}[c.query_init]
+            hi = 1 if c.query_init == "first" else k
+            cover[i, :, lo:hi] = full[:, lo:hi]
+        # [n_counts, hw, kmax]: which of a block's tokens seed which 3D query, for each candidate count
+        self.register_buffer("cover", cover, persistent=False)
+        self.register_buffer("count_index", torch.full((c.kmax + 1,), -1, dtype=torch.long), persistent=False)
+        self.count_index[list(c.counts)] = torch.arange(len(c.counts))
         self.apply(self._init)
         for p in (self.patch_pos, self.query_pos, self.enc_block, self.token_pos, self.dec_block, self.dec_pos):
             nn.init.normal_(p, std=0.02)
@@ -232,8 +259,7 @@ class AdaptiveTokenizer(nn.Module):
         nb, hw = c.num_blocks, c.hw
         bc = lay.block.clamp(max=nb - 1)
         tokens = self.post_quant(q) + self.token_pos[lay.pos] + self.dec_block[bc]
-        first = tokens.gather(1, lay.starts[..., None].expand(-1, -1, c.dec_dim))  # [B, nb, D]
-        h = first.repeat_interleave(hw, 1) + self.dec_pos
+        h = self._seed(tokens, lay) + self.dec_pos
         qb = self.patch_block[None, :, None]
         self_mask = self.patch_block[None, :] <= self.patch_block[:, None]
         cross_mask = (lay.valid[:, None, :] & (lay.block[:, None, :] <= qb))[:, None]
@@ -244,6 +270,19 @@ class AdaptiveTokenizer(nn.Module):
                 feats = h.reshape(h.shape[0], nb, c.grid, c.grid, c.dec_dim)
         pix = self.to_pixels(self.dec_norm(h)).reshape(h.shape[0], nb, c.grid, c.grid, c.patch_dim)
         return self.depatchify(pix), feats
+
+    def _seed(self, tokens: torch.Tensor, lay: Layout) -> torch.Tensor:
+        """Initial 3D queries ``[B, nb*hw, D]``: each patch's query is the sum of its block's tokens whose
+        pyramid cells cover it (``cover``; with ``query_init="first"`` only the block's first token)."""
+        c = self.config
+        b, nb, kmax = tokens.shape[0], c.num_blocks, c.kmax
+        slot = torch.where(lay.valid, lay.block * kmax + lay.pos, nb * kmax)  # padding -> a dropped slot
+        per_block = tokens.new_zeros(b, nb * kmax + 1, tokens.shape[-1])
+        per_block.scatter_(1, slot[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
+        per_block = per_block[:, :-1].reshape(b, nb, kmax, -1)
+        counts = torch.stack([(lay.valid & (lay.block == t)).sum(1) for t in range(nb)], 1)
+        cover = self.cover.to(tokens.dtype)[self.count_index[counts]]  # [B, nb, hw, kmax]
+        return torch.einsum("btpj,btjd->btpd", cover, per_block).reshape(b, nb * c.hw, -1)
 
     def forward(self, x: torch.Tensor, counts) -> TokenizerOutput:
         """Training pass. ``counts``: ``[4]`` for the whole batch or ``[B, 4]`` per sample (mixed is fine)."""
@@ -311,7 +350,10 @@ class AdaptiveTokenizer(nn.Module):
         _, codes, q = self.quantizer.quantize(self.enc_norm(h))
         # decoder: 1D token memory of block t, then all children's 3D queries at once
         tokens = self.post_quant(q) + self.token_pos[idx] + self.dec_block[t]
-        h = tokens[:, offs[:-1]].repeat_interleave(hw, 1) + self.dec_pos[t * hw:(t + 1) * hw].repeat(n, 1)
+        cover = self.cover.to(tokens.dtype)
+        seeds = [torch.einsum("pj,bjd->bpd", cover[self.count_index[k], :, :k], tokens[:, offs[i]:offs[i + 1]])
+                 for i, k in enumerate(counts)]
+        h = torch.cat(seeds, 1) + self.dec_pos[t * hw:(t + 1) * hw].repeat(n, 1)
         cross_mask = torch.cat([own.new_ones(n * hw, lp), _group_mask([hw] * n, list(counts), dev)], 1)
         dec_own, tok_own = [], []
         for li, layer in enumerate(self.decoder):

@@ -16,7 +16,9 @@ prints nothing, and tells a missing video stream from undecodable data. An mp4-f
 tells a truncated file (a box running past the end, or no ``moov``) from a corrupt one. decord is
 opened only on input PyAV accepted, and even then fd 2 is redirected around decord's open and
 reads (decord bundles FFmpeg 4, PyAV FFmpeg 8: they can disagree), keeping only a short excerpt
-of what decord printed for the error message.
+of what decord printed for the error message. Frame sizes are bounded before the decoder opens
+(``check_frame_size``: ``MAX_PIXELS`` per source or resized frame, ``MAX_ASPECT``), so a very large,
+very tall or very wide video is a ``TooLargeError`` instead of an unbounded allocation.
 """
 from __future__ import annotations
 
@@ -68,6 +70,19 @@ class NoVideoStreamError(VideoError):
 
 class TooShortError(VideoError):
     reason = "too_short"
+
+
+class TooLargeError(VideoError):
+    """Frames too large (or too elongated) to decode within bounded memory; refused before decoding."""
+    reason = "too_large"
+
+
+# Decoding allocates whole frames: FFmpeg the source frame (plus references), decord the resized one
+# (short side -> ``size``, so the long side grows with the aspect ratio) for every wanted frame.
+# Both are bounded before anything is decoded. 8192 x 4352 admits DCI 8K (8192 x 4320); 16:1 is far
+# beyond any real video shape (ultra-wide 32:9 is 3.6:1) and caps a 64-pixel clip's frame at 64 x 1024.
+MAX_PIXELS = 8192 * 4352
+MAX_ASPECT = 16.0
 
 
 # ----------------------------------------------------------------------------- data classes
@@ -277,22 +292,44 @@ def scaled_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, int(round(width * size / height))), size
 
 
+def check_frame_size(info: VideoInfo, size: int, max_pixels: int = MAX_PIXELS,
+                     max_aspect: float = MAX_ASPECT) -> None:
+    """Raise ``TooLargeError`` if decoding ``info``'s frames at ``size`` would allocate more than
+    ``max_pixels`` per frame (the source frame or the resized one), or the aspect ratio exceeds
+    ``max_aspect`` (a very tall or very wide video, whose resized long side grows without bound)."""
+    w, h = info.width, info.height
+    if w * h > max_pixels:
+        raise TooLargeError(f"frame {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}", info.source or None)
+    if max(w, h) > max_aspect * min(w, h):
+        raise TooLargeError(f"frame {w}x{h} has aspect ratio {max(w, h) / min(w, h):.1f}:1, above the limit of "
+                            f"{max_aspect:g}:1", info.source or None)
+    sw, sh = scaled_size(w, h, size)
+    if sw * sh > max_pixels:
+        raise TooLargeError(f"frame {w}x{h} resized to {sw}x{sh} exceeds the limit of {max_pixels} pixels",
+                            info.source or None)
+
+
 def decode_clips(src: Source, clip_len: int = 16, fps: float | None = None, size: int = 64,
-                 stride: float | None = None, max_clips: int | None = None
-                 ) -> tuple[list[ClipWindow], np.ndarray]:
-    """All clip windows of a video, decoded by one reader in one pass: uint8 ``[N, T, size, size, 3]``."""
+                 stride: float | None = None, max_clips: int | None = None, max_pixels: int = MAX_PIXELS,
+                 max_aspect: float = MAX_ASPECT) -> tuple[list[ClipWindow], np.ndarray]:
+    """All clip windows of a video, decoded by one reader in one pass: uint8 ``[N, T, size, size, 3]``.
+
+    Frames larger than ``max_pixels`` or more elongated than ``max_aspect`` raise ``TooLargeError``
+    before the decoder is opened (``check_frame_size``)."""
     path, data, nbytes = _load(src)
     name = _describe(src)
     info = _probe(path, data, nbytes, name)
+    check_frame_size(info, size, max_pixels, max_aspect)
     return _decode(path, data, info, name, clip_len, fps, size, stride, max_clips, start_s=None)
 
 
 def decode_clip(src: Source, start_s: float = 0.0, clip_len: int = 16, fps: float | None = None,
-                size: int = 64) -> np.ndarray:
-    """One clip starting at ``start_s`` seconds: uint8 ``[T, size, size, 3]``."""
+                size: int = 64, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> np.ndarray:
+    """One clip starting at ``start_s`` seconds: uint8 ``[T, size, size, 3]`` (size limits as ``decode_clips``)."""
     path, data, nbytes = _load(src)
     name = _describe(src)
     info = _probe(path, data, nbytes, name)
+    check_frame_size(info, size, max_pixels, max_aspect)
     _, clips = _decode(path, data, info, name, clip_len, fps, size, None, 1, start_s=start_s)
     return clips[0]
 

@@ -49,3 +49,33 @@ def test_exponent_without_dot_is_a_float_and_junk_is_an_error():
     assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_per_model_sections_resolve_for_the_model_being_trained(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 100\n  lr: 1.0e-4\n  deepspeed: {zero_stage: 1}\n  router: r.pt\n"
+                      "proxy: {steps: 600, lr: 2.0e-3, deepspeed: {precision: bf16}}\n"
+                      "router: {steps: 300}\n")
+    proxy = load_config(recipe, ["train.model=proxy"]).train
+    assert (proxy.steps, proxy.lr) == (600, 2e-3)
+    assert (proxy.deepspeed.zero_stage, proxy.deepspeed.precision) == (1, "bf16")  # nested sections merge
+    router = load_config(recipe, ["train.model=router"]).train
+    assert (router.steps, router.lr, router.deepspeed.precision) == (300, 1e-4, "fp32")
+    final = load_config(recipe, ["train.model=final"]).train
+    assert final.steps == 100  # no section: the common keys
+    # command-line overrides win over the recipe's per-model keys, in either spelling
+    assert load_config(recipe, ["train.model=proxy", "train.steps=7"]).train.steps == 7
+    assert load_config(recipe, ["train.model=proxy", "proxy.steps=8"]).train.steps == 8
+    assert load_config(recipe, ["train.model=router", "proxy.steps=8"]).train.steps == 300
+    assert load_config(recipe, ["train.model=final"]).train.router == "r.pt"  # the URI field is untouched
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("ar.stepz=3", r"unknown key.*\bar\b"),   # checked even when another model is trained
+    ("router.lr=fast", "expected a number"),
+    ("final.model=ar", "chosen by the command"),
+    ("final=3", "is a section"),
+])
+def test_per_model_sections_are_checked(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.model=proxy", override])

@@ -138,3 +138,38 @@ def test_s3_errors_never_show_secrets(s3_bucket):
     with pytest.raises(st.StorageError) as ei:
         st.read_bytes(f"s3://{s3_bucket}/missing/{secret}")
     assert secret not in str(ei.value)
+
+
+def test_redact_knows_every_secret_source(monkeypatch, tmp_path):
+    """Secrets from every place a credential lives: MLflow's variables, any *SECRET*/*TOKEN*/*PASSWORD*
+    variable, a password inside a URI-valued variable, URL userinfo in the text itself, HTTP auth
+    values, and the AWS config/credentials files (every profile; re-read when a file changes)."""
+    creds, config = tmp_path / "credentials", tmp_path / "config"
+    creds.write_text("[default]\naws_access_key_id = AKIADEFAULT01\naws_secret_access_key = profDefaultSecret1\n"
+                     "[research]\naws_access_key_id = AKIARESEARCH2\naws_secret_access_key = profResearchSecret2\n"
+                     "aws_session_token = profResearchToken3\n")
+    config.write_text("[profile ops]\naws_secret_access_key = cfgOpsSecret4\nregion = eu-west-1\n")
+    for k, v in {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_CONFIG_FILE": str(config), "AWS_PROFILE": "research",
+                 "MLFLOW_TRACKING_PASSWORD": "mlflowPw123", "MLFLOW_TRACKING_TOKEN": "mlflowTok456",
+                 "BILLING_SERVICE_SECRET": "svcSecret789", "HF_TOKEN": "hfTokenAbc",
+                 "MLFLOW_TRACKING_URI": "https://bob:uriPw999@tracking.example/",
+                 "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+    secrets = ["profDefaultSecret1", "profResearchSecret2", "profResearchToken3", "cfgOpsSecret4", "mlflowPw123",
+               "mlflowTok456", "svcSecret789", "hfTokenAbc", "uriPw999", "alice", "p@ss", "eyJhbGciOiJIUzI1NiJ9"]
+    text = (" ".join(secrets[:9]) + " https://alice:p@ss@host.example/x Authorization: Bearer eyJhbGciOiJIUzI1NiJ9"
+            " total_tokens: 5 mean false")
+    out = st.redact(text)
+    for s in secrets:
+        assert s not in out, (s, out)
+    assert "host.example/x" in out and "total_tokens: 5" in out and "false" in out  # no collateral damage
+    creds.write_text("[default]\naws_secret_access_key = rotatedSecret5\n")  # a rotated key is picked up
+    assert "rotatedSecret5" not in st.redact("key rotatedSecret5")
+
+
+def test_credentials_in_a_uri_are_refused_without_echoing_them():
+    for uri in ("s3://AKIAUSER:pa55w0rd@bucket/k", "gs://user:pa55w0rd@bucket/k"):
+        with pytest.raises(st.StorageError, match="credentials in a URI") as ei:
+            st.split_uri(uri)
+        assert "pa55w0rd" not in str(ei.value)
+    assert st.split_uri("s3://bucket/user@example.com/v.mp4") == ("s3", "bucket/user@example.com/v.mp4")

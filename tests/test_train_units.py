@@ -76,12 +76,24 @@ def test_deepspeed_config_from_recipe():
             cfg.train.deepspeed, precision="fp16")), 2)
 
 
-def test_worker_env_forwards_only_what_workers_need(monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
-    monkeypatch.setenv("HOME_SECRET", "nope")
+def test_worker_env_forwards_settings_by_name_never_credentials(monkeypatch):
+    """The workers' runtime env is Ray metadata (dashboard, ``ray list actors --detail``): settings only."""
+    settings = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1", "AWS_PROFILE": "research",
+                "MLFLOW_TRACKING_URI": "http://tracking:5000", "EVATOK_TEST_FAIL_ONCE": "3:1:/tmp/m"}
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "AWS_SESSION_TOKEN": "session-token-value",
+               "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE123", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-value",
+               "MLFLOW_TRACKING_TOKEN": "mlflow-token-value", "MLFLOW_TRACKING_USERNAME": "alice",
+               "EVATOK_DB_PASSWORD": "evatok-pw-value", "RAY_DATA_S3_SECRET": "ray-data-secret"}
+    for k, v in {**settings, **secrets, "HOME_SECRET": "nope"}.items():
+        monkeypatch.setenv(k, v)
     env = worker_env(use_gpu=False)
-    assert env["DS_ACCELERATOR"] == "cpu" and env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
-    assert "HOME_SECRET" not in env
+    assert env["DS_ACCELERATOR"] == "cpu"
+    assert {k: env.get(k) for k in settings} == settings
+    assert not set(secrets) & set(env) and "HOME_SECRET" not in env
+    assert not set(secrets.values()) & set(env.values())
+    # a URI that carries a password stays out too (a local worker inherits it from the raylet)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:pw-in-uri@tracking.example/")
+    assert "MLFLOW_TRACKING_URI" not in worker_env(use_gpu=False)
 
 
 # ----------------------------------------------------------------------------- data

@@ -209,3 +209,20 @@ def test_stderr_guard_silences_decords_buffer_dump(capfd):
 def test_missing_path_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         video.decode_clips(tmp_path / "nope.mp4")
+
+
+def test_too_large_or_too_elongated_frames_are_refused_before_decoding(tmp_path, files):
+    """``TooLargeError`` (reason ``too_large``) from the probed size alone: a 16x512 (1:32) video, and any
+    video above ``max_pixels``; the same files decode when the limits allow them."""
+    tall = synthetic.write_mp4(tmp_path / "tall.mp4", synthetic.make_video("static", 0, num_frames=24,
+                                                                          height=512, width=16), 8)
+    with pytest.raises(video.TooLargeError, match="aspect ratio 32.0:1") as ei:
+        video.decode_clips(tall, clip_len=16, size=32)
+    assert ei.value.reason == "too_large"
+    assert video.decode_clips(tall, clip_len=16, size=32, max_aspect=64)[1].shape == (1, 16, 32, 32, 3)
+    pan = files[0]["pan"]  # 96x80
+    with pytest.raises(video.TooLargeError, match="exceeds the limit of 5000"):
+        video.decode_clip(pan, clip_len=16, size=32, max_pixels=5000)
+    with pytest.raises(video.TooLargeError, match="resized to 154x128"):  # the resized frame counts too
+        video.decode_clips(pan, clip_len=16, size=128, max_pixels=96 * 80)
+    assert video.decode_clip(pan, clip_len=16, size=32).shape == (16, 32, 32, 3)

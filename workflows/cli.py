@@ -8,8 +8,9 @@ Every command takes ``-c/--config RECIPE.yaml`` and any number of ``key=value`` 
     evatok relabel -c configs/tiny.yaml label.w_q=1.4 label.w_l=0.6
     evatok train proxy -c configs/tiny.yaml
 
-The same commands run on a cluster through ``ray job submit -- evatok ...``: stages connect to
-the cluster in ``RAY_ADDRESS`` (or start a local Ray when there is none).
+The same commands run on a cluster through ``evatok submit -c RECIPE STAGE ... --address http://HEAD:8265``
+(``workflows/submit.py``): stages connect to the cluster in ``RAY_ADDRESS`` (or start a local Ray when
+there is none).
 """
 from __future__ import annotations
 
@@ -101,6 +102,65 @@ def train(
 
     cfg = _load(config, [f"train.model={model}", *(overrides or [])])
     _show(f"train {model}", run_training(cfg))
+
+
+def _stage_commands() -> list[str]:
+    """Commands ``submit`` may run on a cluster: every command that takes a recipe (-c), except itself and
+    ``config`` (which only prints)."""
+    import inspect
+
+    names = []
+    for c in app.registered_commands:
+        name = c.name or c.callback.__name__.replace("_", "-")
+        if name not in ("submit", "config") and "config" in inspect.signature(c.callback).parameters:
+            names.append(name)
+    return names
+
+
+@app.command()
+def submit(
+    config: Optional[Path] = ConfigOpt,
+    args: Optional[list[str]] = typer.Argument(
+        None, show_default=False, help="Stages (ingest, label, relabel, train MODEL, ...) and key=value overrides."),
+    address: Optional[str] = typer.Option(None, "--address", "-a", help="Job server, e.g. http://HEAD:8265 "
+                                          "(default: $RAY_ADDRESS)."),
+    env_name: Optional[list[str]] = typer.Option(
+        None, "--env-name", "-e", help="A variable the job needs from the cluster's own environment; "
+                                        "its NAME only is sent, never a value (repeatable)."),
+    working_dir: Optional[Path] = typer.Option(None, help="Code to upload (default: this checkout)."),
+    allow_local_paths: bool = typer.Option(
+        False, "--allow-local-paths", help="Remote cluster with one shared filesystem on every node: "
+                                           "allow local work_dir/outputs."),
+    wait: bool = typer.Option(True, help="Stream the logs and exit with the job's status (--no-wait: print "
+                                         "the job id and return)."),
+    status: Optional[str] = typer.Option(None, "--status", metavar="JOB_ID", help="Show a job's status."),
+    logs: Optional[str] = typer.Option(None, "--logs", metavar="JOB_ID", help="Print (and follow) a job's logs."),
+    stop: Optional[str] = typer.Option(None, "--stop", metavar="JOB_ID", help="Stop a job."),
+) -> None:
+    """Run stages on a Ray cluster (Job Submission SDK): upload this checkout, stream logs, exit 0/1 as the job."""
+    from workflows import submit as sub
+
+    try:
+        if sum(x is not None for x in (status, logs, stop)) > 1:
+            raise sub.SubmitError("give one of --status, --logs, --stop")
+        if status:
+            code = sub.status(status, address)
+        elif logs:
+            code = sub.logs(logs, address)
+        elif stop:
+            code = sub.stop(stop, address)
+        else:
+            if config is None:
+                raise sub.SubmitError("-c/--config RECIPE is required to submit stages")
+            code = sub.submit(config, list(args or []), address=address, stage_commands=_stage_commands(),
+                              env_names=env_name or [], working_dir=working_dir,
+                              allow_local_paths=allow_local_paths, wait=wait)
+    except sub.SubmitError as e:
+        from rich.markup import escape
+
+        console.print(f"[red]submit:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console script entry

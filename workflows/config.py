@@ -2,7 +2,7 @@
 
 The same recipe file drives the CLI, ``ray job submit`` and the tests::
 
-    cfg = load_config("configs/tiny.yaml", ["label.batch_size=4", "train.proxy.steps=50"])
+    cfg = load_config("configs/tiny.yaml", ["label.batch_size=4", "proxy.steps=50"])
 
 Each stage reads only its own section. Unknown keys are errors (a typo must not silently train
 the wrong model), and overrides are parsed as YAML scalars (``true``, ``3``, ``1e-4``, ``[1, 2]``).
@@ -35,6 +35,13 @@ class IngestConfig:
     num_cpus_per_task: float = 1.0
     max_concurrency: int | None = None  # caps concurrent decode tasks so reads cannot flood the object store
     split: str | None = None    # UCF-101 official split list name (e.g. "trainlist01") when present
+    max_retries: int = 3        # Ray retries of a shard task whose worker died (node lost, OOM kill);
+                                # finite, so a poison shard fails the stage instead of retrying forever
+    decode_isolation: bool = True  # decode each video in a killable child process (workflows/isolation.py)
+    decode_timeout_s: float = 60.0  # per video: read + probe, and the base of the decode deadline
+    decode_timeout_per_s: float = 1.0  # + this many seconds per second of video (decoding runs ~10-30x faster)
+    resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per decode task,
+                                # e.g. {evatok_decode: 0.001} pins decoding to the CPU pool (infra/README.md)
 
 
 @dataclass
@@ -51,6 +58,10 @@ class LabelConfig:
     w_l: float = 0.8
     lpips_backbone: str | None = None  # path/URI of VGG16 ImageNet weights; None -> no LPIPS column
     lpips_net: str = "vgg"
+    max_restarts: int = 3       # Ray restarts of a label actor whose process died; finite (Ray Data's default is -1)
+    max_task_retries: int = 3   # Ray retries of a shard call on a restarted actor; finite
+    resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor,
+                                # e.g. {evatok_gpu: 0.001} pins label actors to the GPU pool (infra/README.md)
     stats_samples: int = 10_000  # random (clip, assignment) pairs for the normalisation statistics
     seed: int = 0
 
@@ -90,7 +101,9 @@ class TrainConfig:
     cache_data_mb: int = 256    # training data up to this size is held in the object store across epochs
     labels: str = ""            # router: Parquet prefix with clip_id, assignment (+ optional reward list)
     val_data: str = ""          # router: held-out clips; "" -> clips whose id hashes to 0 mod val_every
-    val_every: int = 8
+    val_every: int = 8          # held-out split: router by clip id, tokenizers by video id (1 in val_every)
+    val_clips: int = 64         # tokenizers: held-out clips for the quality-cost curve after training
+    min_curve_gain_db: float = 0.0  # proxy: fail unless held-out PSNR rises at every count and by this much
     router: str = ""            # exported router (final tokenizer recipe)
     tokenizer: str = ""         # exported tokenizer (AR recipe: to decode samples)
     lpips_backbone: str | None = None
@@ -132,6 +145,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _build(tp, value, where)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
+    if origin is dict:
+        # Ray resource maps ({name: amount}): names are strings, amounts non-negative numbers.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        for k, v in value.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"{where}: expected {{name: amount >= 0}}, got {k!r}: {v!r}")
+        return {k: float(v) for k, v in value.items()}
     args = [a for a in get_args(tp) if a is not type(None)]
     if value is None:
         if type(None) in get_args(tp):
@@ -175,19 +196,65 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+#: Models with their own training settings in a top-level section of that name (see ``load_config``).
+MODELS = ("proxy", "router", "final", "ar")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, recursively for nested mappings (``deepspeed``)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a recipe YAML (optional) and apply ``a.b=value`` overrides on top."""
+    """Load a recipe YAML (optional) and apply ``a.b=value`` overrides on top.
+
+    Per-model training settings: the top-level sections ``proxy``, ``router``, ``final`` and ``ar`` take
+    the same keys as ``train`` (``steps``, ``lr``, ``disc_start``, ``deepspeed``, ...), for that model only.
+    The model being trained (``train.model``) sees, from lowest to highest precedence: the defaults, the
+    recipe's ``train`` keys, the recipe's ``<model>`` section, then command-line overrides
+    (``train.steps=10`` and ``proxy.steps=10`` alike). The resolved ``cfg.train`` is flat: what that
+    model trains with. Every model's section is checked (unknown keys, types) whichever model trains.
+    """
     tree: dict = {}
     if path is not None:
         text = Path(path).read_text()
         tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    train = tree.get("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(f"train: expected a mapping, got {train!r}")
+    sections = {m: tree.pop(m, None) or {} for m in MODELS}
+    for key, value in parsed:
+        if key.split(".")[0] in MODELS and "." in key:
+            m, rest = key.split(".", 1)
+            _set_path(sections[m], rest, value)
+    model = next((v for k, v in reversed(parsed) if k == "train.model"), train.get("model", TrainConfig.model))
+    for m, sec in sections.items():
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{m}: expected a mapping of train settings, got {sec!r}")
+        if "model" in sec:
+            raise ConfigError(f"{m}.model: the model is chosen by the command (evatok train MODEL), not in its section")
+        _build(TrainConfig, sec, m)  # every model's section is checked
+    tree["train"] = _merge(train, sections.get(model, {}))
+    for key, value in parsed:
+        m, _, rest = key.partition(".")
+        if m in MODELS:
+            if not rest:
+                raise ConfigError(f"override {key!r}: {m!r} is a section; set {m}.KEY=VALUE")
+            if m != model:
+                continue
+            key = f"train.{rest}"
+        _set_path(tree, key, value)
     return _build(Config, tree)
 
 

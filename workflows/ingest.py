@@ -14,19 +14,35 @@ through ``storage``, decodes every window of a video in one decord pass, and pub
 and errors Parquet files, then the shard marker. Frames never travel through the object store; only a
 small summary row per shard returns to the driver, which builds the summary without a shuffle. The
 number of concurrent tasks (``max_concurrency``, with ``num_cpus_per_task``) is what caps reads.
+Each video is decoded in a child process of the task (``workflows.isolation``, on by default:
+``ingest.decode_isolation``) with a deadline of ``decode_timeout_s + decode_timeout_per_s *
+duration``: a decoder that hangs in native code or crashes becomes a ``timeout`` / ``decoder_crash``
+row for that video, and the rest of its shard lands.
 
-Bad inputs (empty, not a video, corrupt, truncated, no video stream, too short, missing, unreadable)
-become rows of ``errors/`` with their reason; they never fail the job and are never dropped.
+Bad inputs (empty, not a video, corrupt, truncated, no video stream, too short, too large, missing,
+unreadable) become rows of ``errors/`` with their reason; they never fail the job and are never
+dropped. Discovery turns odd listings into rows too: a file name that is not UTF-8 (``bad_uri``; the
+row shows it with escapes), a split-list line that would escape the tree (``..``, ``\\``: ``unsafe_path``),
+a symlinked file whose target lies outside the source tree or a symlinked folder (never followed:
+``unsafe_path``; a link to a file inside the tree is read, a dangling one is ``missing``), and one
+video listed with different labels (``conflicting_labels``; exact duplicates are listed once). Text
+that is not UTF-8 (a Latin-1 manifest or split list) is refused with an ``IngestError`` that says
+so: guessing its encoding would silently turn names into other names. Error rows are redacted
+(``storage.redact``), their ``uri`` included: a URI with ``user:password@`` never reaches ``errors/``.
+
+Retries: a shard task whose worker process dies (node lost, OOM kill) is retried at most
+``ingest.max_retries`` times (Ray Data's default is -1, forever), then the stage fails.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +50,8 @@ import pyarrow as pa
 from workflows import storage
 from workflows.clips import (ERROR_SCHEMA, clip_id, clip_schema, data_key, digest, frames_to_column,
                              shard_name, video_id)
-from workflows.stage import Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard
+from workflows.stage import (Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard,
+                             maybe_crash)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -79,9 +96,30 @@ class IngestSummary:
 
 
 # ----------------------------------------------------------------------------- discovery (driver)
+def _printable(text: str) -> str:
+    """``text`` if it is valid UTF-8, else with its undecodable bytes as escapes (``\\udcff``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _ref(uri: str, size: int, etag: str | None, label, error=None, message=None) -> VideoRef:
     label = None if label is None or str(label) == "" else str(label)
+    shown = _printable(uri)
+    if shown != uri or (label is not None and _printable(label) != label):
+        # A local file name that is not UTF-8: ids, Parquet and JSON all need valid text.
+        uri, label = shown, label and _printable(label)
+        error = error or "bad_uri"
+        message = message or "file name is not valid UTF-8 (undecodable bytes shown as \\udcXX); rename it"
     return VideoRef(video_id(uri, size, etag), uri, size, etag, label, error, message)
+
+
+def _text(uri: str, what: str) -> str:
+    """A UTF-8 text file (BOM allowed), or a clear refusal."""
+    data = storage.read_bytes(uri)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{what} {storage.redact(uri)} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _stat_refs(entries: list[tuple[str, str | None]]) -> list[VideoRef]:
@@ -103,7 +141,7 @@ def _read_manifest(uri: str) -> list[tuple[str, str | None]]:
     if uri.lower().endswith(".parquet"):
         rows = storage.read_table(uri).to_pylist()
     else:
-        rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8-sig"))))
+        rows = list(csv.DictReader(io.StringIO(_text(uri, "manifest"))))
     if rows and "uri" not in rows[0] and "path" not in rows[0]:
         raise IngestError(f"manifest {storage.redact(uri)} needs a 'uri' column, has {sorted(rows[0])}")
     base = storage.canonical(uri).rsplit("/", 1)[0]
@@ -125,7 +163,7 @@ def _split_list(source: str, split: str) -> list[str]:
     for base in (source, parent):
         uri = storage.join(base, "ucfTrainTestlist", name)
         if storage.exists(uri):
-            lines = storage.read_bytes(uri).decode().splitlines()
+            lines = _text(uri, "split list").splitlines()
             return [ln.split()[0] for ln in lines if ln.strip()]
     raise IngestError(f"split list ucfTrainTestlist/{name} not found in or beside {storage.redact(source)}")
 
@@ -149,31 +187,75 @@ def discover(source: str, split: str | None = None) -> list[VideoRef]:
         if not files:
             raise IngestError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {storage.redact(source)}")
         prefix = source.rstrip("/") + "/"
+        links = {u: rest for u, *rest in storage.local_symlinks(source)}
         by_rel = {}
         for uri, size, etag in files:
             rel = uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
             label = rel.split("/", 1)[0] if "/" in rel else None
-            by_rel[rel] = _ref(uri, size, etag, label)
+            by_rel[rel] = _listed_ref(uri, size, etag, label, links.get(uri))
+        for uri, (target, is_dir, inside) in links.items():  # linked folders: list_files never enters them
+            if is_dir and uri.startswith(prefix):
+                by_rel.setdefault(uri[len(prefix):], _listed_ref(uri, -1, None, None, (target, is_dir, inside)))
         if split:
             refs = []
             for rel in _split_list(source, split):
                 if rel in by_rel:
                     refs.append(by_rel[rel])
-                else:
+                    continue
+                label = rel.split("/", 1)[0] if "/" in rel else None
+                try:
                     uri = storage.join(source, rel)
-                    refs.append(_ref(uri, -1, None, rel.split("/", 1)[0] if "/" in rel else None,
-                                     "missing", f"listed in {split} but not found"))
+                except storage.UnsafePathError:
+                    refs.append(_ref(prefix + rel, -1, None, label, "unsafe_path",
+                                     f"line {rel!r} of {split} would leave the source tree"))
+                    continue
+                refs.append(_ref(uri, -1, None, label, "missing", f"listed in {split} but not found"))
         else:
             refs = list(by_rel.values())
-    unique = {r.video_id: r for r in reversed(refs)}  # duplicates (same object twice): keep the first
-    return sorted(unique.values(), key=lambda r: r.video_id)
+    return sorted(_dedupe(refs), key=lambda r: r.video_id)
+
+
+def _listed_ref(uri: str, size: int, etag: str | None, label, link) -> VideoRef:
+    """A listed local entry; ``link`` is ``(target, is_dir, inside)`` if it is a symlink.
+    Only a link to a file inside the source tree is followed (read like the file it names)."""
+    if link is None:
+        return _ref(uri, size, etag, label)
+    target, is_dir, inside = link
+    if target is None:
+        return _ref(uri, -1, None, label, "missing", "dangling symlink")
+    if not inside:
+        return _ref(uri, -1, None, label, "unsafe_path", "symlink to a path outside the source tree; not followed")
+    if is_dir:
+        return _ref(uri, -1, None, label, "unsafe_path", "symlinked folder; not followed (its videos are "
+                                                          "listed under the folder it names)")
+    size, etag = storage.info(target)
+    return _ref(uri, size, etag, label)
+
+
+def _dedupe(refs: list[VideoRef]) -> list[VideoRef]:
+    """One ref per video id. Exact duplicates (the same object listed twice with one label) keep the
+    first; the same object listed with different labels becomes a ``conflicting_labels`` error row
+    (choosing one label would silently train on a wrong one)."""
+    groups: dict[str, list[VideoRef]] = {}
+    for r in refs:
+        groups.setdefault(r.video_id, []).append(r)
+    out = []
+    for rs in groups.values():
+        labels = sorted({r.label for r in rs}, key=lambda x: (x is not None, x or ""))
+        if len(labels) > 1 and rs[0].error is None:
+            out.append(replace(rs[0], label=None, error="conflicting_labels",
+                               message=f"listed {len(rs)} times with different labels {labels}"))
+        else:
+            out.append(rs[0])
+    return out
 
 
 # ----------------------------------------------------------------------------- one shard (worker)
 def _reason(e: Exception) -> str:
     from evatok.video import VideoError
+    from workflows.isolation import CallTimeout, ChildCrashed
 
-    if isinstance(e, VideoError):
+    if isinstance(e, (VideoError, CallTimeout, ChildCrashed)):
         return e.reason
     if isinstance(e, (storage.StorageNotFound, FileNotFoundError)):
         return "missing"
@@ -182,18 +264,80 @@ def _reason(e: Exception) -> str:
     return "decode_failed"
 
 
-def decode_video(ref: VideoRef, data_cfg) -> tuple[list, np.ndarray]:
-    """(windows, uint8 [N, T, H, W, 3]) for one video; raises VideoError / StorageError."""
-    from evatok.video import decode_clips
+def decode_video(ref: VideoRef, data_cfg, on_probe=None) -> tuple[list, np.ndarray]:
+    """(windows, uint8 [N, T, H, W, 3]) for one video; raises VideoError / StorageError.
+
+    ``on_probe(duration_s)``, when given, is called once the video is probed, before decoding."""
+    from evatok.video import decode_clips, probe
 
     local = storage.local_path(ref.uri)
     src = str(local) if local is not None else storage.read_bytes(ref.uri)
+    if on_probe is not None:
+        on_probe(probe(src).duration_s)
     return decode_clips(src, clip_len=data_cfg.clip_len, fps=data_cfg.fps, size=data_cfg.size,
                         stride=data_cfg.stride_s, max_clips=data_cfg.max_clips_per_video)
 
 
-def process_shard(i: int, refs: list[VideoRef], out: str, data_cfg) -> dict:
-    """Decode one shard's videos and publish clips/, errors/ and the shard marker. Plain Python."""
+# ----------------------------------------------------------------------------- decode isolation
+# Decoding runs in a child process (``workflows.isolation``) so that a decoder that hangs in native
+# code holding the GIL, or segfaults, costs one error row (``timeout`` / ``decoder_crash``) instead of
+# the shard's task (which Ray would retry with the same poison video). The deadline is
+# ``timeout_s + timeout_per_s * duration``: reading and probing get ``timeout_s`` alone; once the
+# video's duration is known the decode gets the scaled budget. One child per Ray worker process,
+# reused across videos and shards (replaced after a timeout or a crash).
+DECODE_TEST_FAULT_ENV = "EVATOK_TEST_DECODE_FAULT"  # test hook: "hang:<uri part>,crash:<uri part>"
+_DECODER: dict = {}
+
+
+def _test_fault(spec: str | None, uri: str) -> None:
+    """Test hook, in the decode child: a native hang holding the GIL, or a segfault, for matching URIs."""
+    for item in (spec or "").split(","):
+        kind, _, part = item.partition(":")
+        if part and part in uri:
+            import ctypes
+
+            if kind == "hang":
+                ctypes.PyDLL(None).sleep(3600)  # C code that keeps the GIL, like a stuck decoder
+            elif kind == "crash":
+                ctypes.string_at(0)  # SIGSEGV
+
+
+def _decode_in_child(ref: dict, data_cfg: dict, limits: dict, budget) -> tuple[list, np.ndarray]:
+    """The decode child's function: read, probe, set the duration-scaled deadline, decode."""
+    from workflows.config import DataConfig
+
+    def scaled(duration_s: float) -> None:
+        budget(limits["timeout_s"] + limits["timeout_per_s"] * max(0.0, duration_s))
+        _test_fault(limits.get("fault"), ref["uri"])
+
+    return decode_video(VideoRef(**ref), DataConfig(**data_cfg), on_probe=scaled)
+
+
+def _decode(ref: VideoRef, data_cfg, limits: dict | None) -> tuple[list, np.ndarray]:
+    """``decode_video`` in the isolated child (``limits["isolate"]``), or in this process."""
+    if not limits or not limits.get("isolate", True):
+        return decode_video(ref, data_cfg)
+    from workflows.isolation import ChildWorker
+
+    worker = _DECODER.get("worker")
+    if worker is None:
+        worker = _DECODER["worker"] = ChildWorker("workflows.ingest:_decode_in_child")
+    limits = dict(limits, fault=os.environ.get(DECODE_TEST_FAULT_ENV))
+    return worker.call((asdict(ref), asdict(data_cfg), limits), timeout_s=limits["timeout_s"])
+
+
+def decode_limits(ic) -> dict:
+    """The isolation settings of an ``IngestConfig``."""
+    return {"isolate": ic.decode_isolation, "timeout_s": ic.decode_timeout_s, "timeout_per_s": ic.decode_timeout_per_s}
+
+
+def process_shard(i: int, refs: list[VideoRef], out: str, data_cfg, limits: dict | None = None) -> dict:
+    """Decode one shard's videos and publish clips/, errors/ and the shard marker. Plain Python.
+
+    ``limits``: ``decode_limits(cfg.ingest)``; None uses the ``IngestConfig`` defaults (isolated)."""
+    from workflows.config import IngestConfig
+
+    limits = decode_limits(IngestConfig()) if limits is None else limits
     t0 = time.perf_counter()
     dkey = data_key(data_cfg.clip_len, data_cfg.size, data_cfg.fps, data_cfg.stride_s,
                     data_cfg.max_clips_per_video)
@@ -201,14 +345,15 @@ def process_shard(i: int, refs: list[VideoRef], out: str, data_cfg) -> dict:
     frames, errors = [], []
     for ref in refs:
         if ref.error:
-            errors.append({"video_id": ref.video_id, "uri": ref.uri, "reason": ref.error,
+            errors.append({"video_id": ref.video_id, "uri": storage.redact(ref.uri), "reason": ref.error,
                            "message": storage.redact(ref.message or "")})
             continue
         try:
-            windows, clips = decode_video(ref, data_cfg)
+            windows, clips = _decode(ref, data_cfg, limits)
         except Exception as e:  # noqa: BLE001 - every failure becomes an error row, by design
-            msg = str(e) if _reason(e) != "decode_failed" else traceback.format_exc(limit=3)
-            errors.append({"video_id": ref.video_id, "uri": ref.uri, "reason": _reason(e),
+            msg = str(e) if _reason(e) != "decode_failed" else (
+                getattr(e, "child_traceback", None) or traceback.format_exc(limit=3))
+            errors.append({"video_id": ref.video_id, "uri": storage.redact(ref.uri), "reason": _reason(e),
                            "message": storage.redact(msg)[:2000]})
             continue
         fps = data_cfg.fps
@@ -239,12 +384,13 @@ def process_shard(i: int, refs: list[VideoRef], out: str, data_cfg) -> dict:
     return info
 
 
-def _ingest_batch(batch: dict, out: str, data_cfg: dict) -> dict:
+def _ingest_batch(batch: dict, out: str, data_cfg: dict, limits: dict | None = None) -> dict:
     """Ray Data UDF: one shard row in, one summary row out."""
     from workflows.config import DataConfig
 
     dc = DataConfig(**data_cfg)
-    infos = [process_shard(int(i), [VideoRef(**r) for r in json.loads(v)], out, dc)
+    maybe_crash("ingest")
+    infos = [process_shard(int(i), [VideoRef(**r) for r in json.loads(v)], out, dc, limits)
              for i, v in zip(batch["shard"], batch["videos"])]
     return {"info": np.array([json.dumps(x) for x in infos], dtype=object)}
 
@@ -258,6 +404,8 @@ def run_ingest(cfg, quiet: bool = False) -> IngestSummary:
         raise IngestError("ingest.output is empty")
     if ic.videos_per_task < 1:
         raise IngestError("ingest.videos_per_task must be >= 1")
+    if ic.max_retries < 0:
+        raise IngestError("ingest.max_retries must be >= 0: retries are finite (-1 would retry a poison shard forever)")
     out = storage.canonical(ic.output)
     refs = discover(ic.source, ic.split)
     shards = [refs[k:k + ic.videos_per_task] for k in range(0, len(refs), ic.videos_per_task)]
@@ -280,8 +428,10 @@ def run_ingest(cfg, quiet: bool = False) -> IngestSummary:
         items = [{"shard": i, "videos": json.dumps([asdict(r) for r in shards[i]])} for i in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_ingest_batch, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"out": out, "data_cfg": asdict(dc)},
-                            num_cpus=ic.num_cpus_per_task, concurrency=ic.max_concurrency)
+                            fn_kwargs={"out": out, "data_cfg": asdict(dc), "limits": decode_limits(ic)},
+                            num_cpus=ic.num_cpus_per_task, concurrency=ic.max_concurrency,
+                            max_retries=ic.max_retries,
+                            **({"resources": dict(ic.resources)} if ic.resources else {}))
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos.append(info)

@@ -16,7 +16,10 @@ One score shard per clips shard (same number): an actor reads a whole clips shar
 of ``batch_size`` clips with the prefix-tree walk (``evatok.search.score_assignments``) and publishes
 the shard atomically. A worker that dies mid-shard publishes nothing; Ray Data retries the shard on
 another actor and the deterministic key means the retry can only write the same object, so every clip
-appears exactly once. A rerun skips shards whose marker exists.
+appears exactly once. A rerun skips shards whose marker exists. Those retries are finite: an actor
+whose process dies is restarted at most ``label.max_restarts`` times and a shard call is retried at
+most ``label.max_task_retries`` times (Ray Data's defaults are -1, forever, which lets one poison
+shard hold the stage); then the stage fails with Ray's error.
 
 Statistics [I]: ``stats_samples`` uniformly random (clip, assignment) pairs over ALL scored clips
 (``evatok.assignment.estimate_stats``, seed ``label.seed``), per metric; written once, after the last
@@ -36,7 +39,8 @@ import pyarrow as pa
 
 from workflows import storage
 from workflows.clips import digest, frames_from_table, shard_index, shard_name
-from workflows.stage import Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard
+from workflows.stage import (Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard,
+                             maybe_crash)
 
 NUM_ASSIGNMENTS = 625
 
@@ -174,6 +178,7 @@ class _LabelActor:
         self.scorer = Scorer(**scorer_kw)
 
     def __call__(self, batch: dict) -> dict:
+        maybe_crash("label")
         infos = [self.scorer.score_shard(int(i), str(u), self.out) for i, u in zip(batch["shard"], batch["uri"])]
         return {"info": np.array([json.dumps(x) for x in infos], dtype=object)}
 
@@ -285,6 +290,9 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     lc = cfg.label
     if not (lc.clips and lc.proxy and lc.output):
         raise LabelError("label.clips, label.proxy and label.output must all be set")
+    if lc.max_restarts < 0 or lc.max_task_retries < 0:
+        raise LabelError("label.max_restarts and label.max_task_retries must be >= 0: retries are finite "
+                         "(-1 would restart an actor that a poison shard kills forever)")
     if lc.metric == "lpips" and not lc.lpips_backbone:
         raise LabelError("label.metric=lpips needs label.lpips_backbone (VGG16 ImageNet weights); "
                          "or choose label.metric=mse|psnr|ssim")
@@ -318,7 +326,9 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
                                        use_gpu=lc.use_gpu, lpips_backbone=lc.lpips_backbone,
                                        lpips_net=lc.lpips_net, num_threads=max(1, int(lc.num_cpus_per_actor))),
             compute=ActorPoolStrategy(size=min(lc.num_actors, len(items))),
-            num_cpus=lc.num_cpus_per_actor, num_gpus=1 if lc.use_gpu else 0)
+            num_cpus=lc.num_cpus_per_actor, num_gpus=1 if lc.use_gpu else 0,
+            max_restarts=lc.max_restarts, max_task_retries=lc.max_task_retries,
+            **({"resources": dict(lc.resources)} if lc.resources else {}))
         for row in ds.iter_rows():
             info = json.loads(row["info"])
             infos.append(info)

@@ -49,6 +49,27 @@ def mark_shard(out: str, i: int, info: dict) -> None:
                                json.dumps(info, sort_keys=True).encode())
 
 
+CRASH_ENV = "EVATOK_TEST_CRASH"
+
+
+def maybe_crash(stage: str) -> None:
+    """Test hook for the retry limits: ``EVATOK_TEST_CRASH=<times>:<dir>`` makes the process that runs
+    a shard of any stage die abruptly (``os._exit``, as an OOM kill or a segfault would) on that
+    stage's first ``times`` attempts; every attempt appends a line to ``<dir>/<stage>.attempts``. It is
+    read from the worker's own environment, which only a test that starts Ray with it sets."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    times, folder = spec.split(":", 1)
+    path = os.path.join(folder, f"{stage}.attempts")
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    with open(path) as f:
+        attempts = sum(1 for _ in f)
+    if attempts <= int(times):
+        os._exit(1)
+
+
 def ensure_ray():
     """Connect to the running cluster (``RAY_ADDRESS``) or start a local Ray, once."""
     import ray

@@ -68,6 +68,11 @@ def split_uri(uri: str) -> tuple[str, str]:
     if not m:
         return "file", os.path.abspath(os.path.expanduser(uri))
     scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme != "file" and "@" in rest.split("/", 1)[0]:
+        # s3://user:secret@bucket/... is no bucket at all, and the client would echo the "bucket name"
+        # (secret included) in its error. Credentials come from the environment or a profile.
+        raise StorageError(f"credentials in a URI are not supported ({redact(uri)}); use the AWS/GCS "
+                           f"environment variables or a profile")
     if scheme == "file":
         return "file", os.path.abspath(rest or "/")
     if scheme in ("s3", "s3a"):
@@ -241,6 +246,34 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[st
     return out
 
 
+def local_symlinks(uri: str) -> list[tuple[str, str | None, bool, bool]]:
+    """Every symbolic link under a local directory, never followed, as ``(uri, target, is_dir,
+    inside)``: ``target`` is the fully resolved path (None if the link dangles), ``inside`` tells
+    whether it lies within ``uri``'s own resolved tree. Object stores have no links: ``[]``.
+
+    ``list_files`` lists a linked *file* like any file and never descends a linked *folder*; this is
+    what a caller needs to decide which links it may follow (ingest: only those that stay inside)."""
+    scheme, root = split_uri(uri)
+    if scheme != "file" or not os.path.isdir(root):
+        return []
+    real_root = os.path.realpath(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: a linked folder is not entered
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                continue
+            try:
+                target = os.path.realpath(p, strict=True)
+            except OSError:  # dangling, or a loop
+                out.append((p, None, False, False))
+                continue
+            inside = os.path.commonpath([target, real_root]) == real_root
+            out.append((p, target, os.path.isdir(target), inside))
+    out.sort()
+    return out
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = fs_for(uri)
     try:
@@ -374,23 +407,109 @@ def read_done(uri: str) -> dict | None:
         return None
 
 
-# ----------------------------------------------------------------------------- redaction
+# ----------------------------------------------------------------------------- secrets and redaction
+# Environment variables that hold credentials, by exact name, and by a word in the name (the
+# ``*SECRET*`` / ``*TOKEN*`` / ``*PASSWORD*`` families and friends). ``is_secret_env`` decides both
+# what ``redact`` strips and what is never copied into Ray metadata (``workflows/train/loop.py``).
+SECRET_ENV_NAMES = frozenset({
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+})
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|API_KEY|PRIVATE_KEY", re.I)
+# Values of name-matched variables shorter than this are not treated as secrets: a name match such as
+# TOKENIZERS_PARALLELISM=false must not turn every "false" in a message into "***".
+_MIN_PATTERN_SECRET = 6
+_PROFILE_SECRET_KEYS = ("aws_secret_access_key", "aws_session_token", "aws_security_token", "aws_access_key_id")
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s?#]*)@")
 _REDACTIONS = [
-    (re.compile(r"(?i)([a-z][a-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@"), r"\1***@"),
-    (re.compile(r"(?i)\b(aws_secret_access_key|aws_session_token|aws_access_key_id|secret_key|access_key|"
-                r"session_token|x-amz-signature|x-amz-credential|x-amz-security-token|signature|token|password)"
-                r"(\s*[=:]\s*)(['\"]?)[^\s&'\",;]+"), r"\1\2\3***"),
+    # user:password@ in any URI (up to the last '@' before the path, so a password holding '@' goes too)
+    (_USERINFO, r"\1***@"),
+    # key=value / key: value where the key ends in a credential word (aws_secret_access_key=..., X-Amz-
+    # Signature=..., token: ..., MLFLOW_TRACKING_PASSWORD=...); "total_tokens: 5" is left alone.
+    (re.compile(r"(?i)\b([a-z0-9_.-]*(?:secret|token|password|passwd|signature|credential|access_key|"
+                r"secret_key|key_id))(\s*[=:]\s*)(['\"]?)[^\s&'\",;]+"), r"\1\2\3***"),
+    # HTTP authorization values that end up in exception texts
+    (re.compile(r"(?i)\b(bearer|basic)\s+[a-z0-9._~+/=-]{8,}"), r"\1 ***"),
 ]
 
 
+def is_secret_env(name: str) -> bool:
+    """True for an environment variable that holds a credential (by exact name or by a word in it)."""
+    return name.upper() in SECRET_ENV_NAMES or bool(_SECRET_NAME.search(name))
+
+
+def has_userinfo(value: str) -> bool:
+    """True if ``value`` holds a URI with ``user[:password]@`` (e.g. an MLflow URI with basic auth)."""
+    return bool(_USERINFO.search(str(value)))
+
+
+_PROFILE_CACHE: dict[str, Any] = {"key": None, "values": frozenset()}
+
+
+def _aws_profile_secrets() -> frozenset[str]:
+    """Secret values of every profile in the AWS config and shared-credentials files.
+
+    Read through botocore's own session (``full_config`` merges both files, honouring
+    ``AWS_CONFIG_FILE`` / ``AWS_SHARED_CREDENTIALS_FILE``), which only parses the files: no network,
+    no credential-provider chain. Every profile, not only the active one: ``source_profile`` and role
+    chains read others, and a secret is a secret whichever profile holds it. Cached until either
+    file's size or mtime changes (redact runs once per error row)."""
+    paths = [os.path.expanduser(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")),
+             os.path.expanduser(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))]
+    key = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            key.append((p, st.st_mtime_ns, st.st_size))
+        except OSError:
+            key.append((p, None, None))
+    key = tuple(key)
+    if _PROFILE_CACHE["key"] == key:
+        return _PROFILE_CACHE["values"]
+    values: set[str] = set()
+    if any(k[1] is not None for k in key):
+        try:
+            import botocore.session
+
+            profiles = botocore.session.Session().full_config.get("profiles", {})
+        except Exception:  # noqa: BLE001 - no botocore, or an unparsable file: nothing to add
+            profiles = {}
+        for prof in profiles.values():
+            for name in _PROFILE_SECRET_KEYS:
+                v = prof.get(name) if isinstance(prof, dict) else None
+                if isinstance(v, str) and len(v) >= 4:
+                    values.add(v)
+    _PROFILE_CACHE.update(key=key, values=frozenset(values))
+    return _PROFILE_CACHE["values"]
+
+
+def secret_values() -> list[str]:
+    """Every secret this process knows, longest first: values of secret environment variables,
+    passwords inside URIs held by any environment variable, and AWS profile secrets."""
+    vals: set[str] = set(_aws_profile_secrets())
+    for k, v in os.environ.items():
+        if not v:
+            continue
+        if k.upper() in SECRET_ENV_NAMES and len(v) >= 4:
+            vals.add(v)
+        elif _SECRET_NAME.search(k) and len(v) >= _MIN_PATTERN_SECRET:
+            vals.add(v)
+        for m in _USERINFO.finditer(v):
+            user, _, pw = m.group(2).partition(":")
+            if len(pw) >= 4:
+                vals.add(pw)
+    return sorted(vals, key=len, reverse=True)
+
+
 def redact(text: Any) -> str:
-    """Strip credentials from text: ``user:pass@`` in URIs, ``key=value`` secrets and query
-    parameters, and the literal values of the AWS secret environment variables."""
+    """Strip credentials from text: the value of every secret this process knows (``secret_values``:
+    secret env vars such as AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD/TOKEN, any *SECRET*/
+    *TOKEN*/*PASSWORD* variable, AWS profile secrets), ``user:pass@`` in URIs, ``key=value`` secrets
+    and signed-URL query parameters, and HTTP ``Bearer``/``Basic`` credentials."""
     s = str(text)
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-        v = os.environ.get(name)
-        if v and len(v) >= 4:
-            s = s.replace(v, "***")
+    for v in secret_values():
+        s = s.replace(v, "***")
     for pat, rep in _REDACTIONS:
         s = pat.sub(rep, s)
     return s

@@ -10,13 +10,35 @@ One Ray checkpoint directory (every rank writes into its own temp dir, Ray merge
 - ``loop_state.json`` (rank 0): step, data position (epoch, micro-batch within the epoch), samples
   seen and the MLflow run id, so a restart continues mid-epoch in the same MLflow run.
 
-Files are loaded with ``weights_only=True``; numpy's RNG state is stored as a tensor for that reason.
+Resume never unpickles arbitrary objects. Whoever can write to the checkpoint prefix
+(``work_dir/ray_results``) must not get code execution on the training nodes, so every file is
+loaded with ``torch.load(weights_only=True)``:
+
+- our own files: ``rng_rank<r>.pt`` (numpy's RNG state is stored as a tensor for that reason) and
+  ``loop_state.json`` (plain JSON);
+- DeepSpeed's files: DeepSpeed's own ``TorchCheckpointEngine.load`` calls ``torch.load(...,
+  weights_only=False)``. During ``load`` we put a ``WeightsOnlyCheckpointEngine`` in its place on the
+  engine (every DeepSpeed read on our resume path, the model states through the ``SDLoader`` and the
+  ZeRO optimizer shards, goes through ``engine.checkpoint_engine.load``). It loads with
+  ``weights_only=True`` and an explicit allow-list, ``DEEPSPEED_SAFE_GLOBALS``: the three DeepSpeed
+  types that its ZeRO 0-3 fp32/bf16 files hold besides tensors and containers (checked with
+  ``torch.serialization.get_unsafe_globals_in_checkpoint`` on files of every stage and precision this
+  project allows). All three are plain data: an enum looked up by value and two classes rebuilt by
+  setting ``__dict__``; none has a ``__setstate__`` or ``__reduce__`` that runs code.
+  DeepSpeed's "universal checkpoint" loaders call ``torch.load`` directly; this project never enables
+  them (``load_universal`` is not in ``deepspeed_config``), so they are never on the resume path.
+
+A file that holds anything else raises ``UnsafeCheckpointError`` naming the file and the refused
+global; nothing from it is executed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import pickle
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +48,18 @@ import torch
 STATE_FILE = "loop_state.json"
 MODEL_TAG = "model"
 DISC_TAG = "disc"
+
+# The non-tensor, non-container types in DeepSpeed's checkpoint files (ZeRO 0-3, fp32/bf16):
+# "module:qualname" strings, imported only when a checkpoint is loaded.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",          # ZeRO optimizer shards: loss-scale state
+    "deepspeed.runtime.zero.config:ZeroStageEnum",            # ZeRO optimizer shards: the stage
+    "deepspeed.utils.tensor_fragment:fragment_address",       # ZeRO 1/2 shards: param slice mappings
+)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds a pickled object outside the weights-only allow-list: refused unread."""
 
 
 @dataclass
@@ -70,6 +104,55 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for spec in DEEPSPEED_SAFE_GLOBALS:
+        module, name = spec.split(":")
+        out.append(getattr(importlib.import_module(module), name))
+    return out
+
+
+def safe_torch_load(path, map_location=None):
+    """``torch.load(path, weights_only=True)`` with ``DEEPSPEED_SAFE_GLOBALS`` allowed (for this call
+    only); a refused global becomes ``UnsafeCheckpointError``."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", str(e), re.M)
+            why = m.group(1).strip() if m else str(e).splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint file {path}: it holds a pickled object outside the "
+                f"weights-only allow-list ({why}); the file was not trusted and nothing in it ran") from None
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with ``load`` replaced by ``safe_torch_load``; every other
+    method (``save``, ``create``, ``commit``, ...) is the wrapped engine's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        return safe_torch_load(path, map_location=map_location)
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine):
+    """While inside, ``engine.load_checkpoint`` reads files through ``WeightsOnlyCheckpointEngine``."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+
+
 def save(directory: str | Path, rank: int, state: LoopState, engine, disc_engine=None,
          generator: torch.Generator | None = None) -> None:
     """Collective (every rank): DeepSpeed saves with barriers inside."""
@@ -89,12 +172,14 @@ def load(directory: str | Path, rank: int, engine, disc_engine=None,
     if not (d / STATE_FILE).exists():
         raise FileNotFoundError(f"{d} is not an evatok training checkpoint (no {STATE_FILE})")
     state = LoopState.from_json((d / STATE_FILE).read_text())
-    path, _ = engine.load_checkpoint(str(d), tag=MODEL_TAG)
+    with weights_only_loading(engine):
+        path, _ = engine.load_checkpoint(str(d), tag=MODEL_TAG)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no '{MODEL_TAG}' checkpoint in {d}")
     if disc_engine is not None and (d / DISC_TAG).exists():
-        disc_engine.load_checkpoint(str(d), tag=DISC_TAG)
+        with weights_only_loading(disc_engine):
+            disc_engine.load_checkpoint(str(d), tag=DISC_TAG)
     rng_file = d / f"rng_rank{rank}.pt"
     if rng_file.exists():  # absent if the world size changed: keep the fresh seed for this rank
-        set_rng_state(torch.load(rng_file, weights_only=True), generator)
+        set_rng_state(safe_torch_load(rng_file), generator)
     return state

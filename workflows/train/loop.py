@@ -84,8 +84,19 @@ def deepspeed_config(t, world: int) -> dict:
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    """What workers need from the driver's environment (values never logged)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_KEYS}
+    """Settings the workers need from the driver's environment, by name; never a credential.
+
+    ``worker_runtime_env`` lands in Ray's metadata (GCS, ``ray list actors --detail``, the dashboard),
+    so only configuration goes there: endpoint URLs, region, tracking URI, profile *name*, test hooks.
+    Credentials stay out (``storage.is_secret_env``: AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_PASSWORD/TOKEN/USERNAME, anything named *SECRET*, *TOKEN*,
+    *PASSWORD*, ...), and so does any value holding ``user:password@`` (an MLflow URI with basic auth).
+    On a local Ray the workers still have them: the raylet is started by the driver and workers
+    inherit its environment. On a cluster every node uses its own credentials (instance role,
+    profile, or the environment its ``ray start`` was given)."""
+    env = {k: v for k, v in os.environ.items()
+           if (k.startswith(ENV_PREFIXES) or k in ENV_KEYS)
+           and not storage.is_secret_env(k) and k != "MLFLOW_TRACKING_USERNAME" and not storage.has_userinfo(v)}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     env.pop("OMP_NUM_THREADS", None)  # Ray sets it per worker from its CPU share
@@ -338,6 +349,15 @@ def _prepare_data(cfg: Config):
             rewards = reward_rows(t.labels)
     ds = D.open_dataset(uri, columns, cache_bytes=t.cache_data_mb * 2**20)
     datasets = {"train": ds}
+    if t.model in ("proxy", "final") and t.val_every > 0:
+        # [I] held out by video, never by clip (clips of one video look alike): every video whose id hashes
+        # into the last 1/val_every. The quality-cost curve is measured on these after training.
+        vids = storage.read_table(uri, columns=["video_id"]).column("video_id").to_pylist()
+        held = {v for v in set(vids) if zlib.crc32(v.encode()) % t.val_every == 0}
+        if held and len(held) < len(set(vids)):
+            src = D.open_dataset(uri, columns + ["video_id"], cache_bytes=t.cache_data_mb * 2**20)
+            ds = src.filter(lambda r, _h=held: r["video_id"] not in _h)
+            datasets = {"train": ds, "val": src.filter(lambda r, _h=held: r["video_id"] in _h)}
     if t.model == "router":
         ds = ds.filter(lambda r, _k=set(targets): r["clip_id"] in _k)
         if t.val_data:
@@ -360,6 +380,40 @@ def _prepare_data(cfg: Config):
         raise ConfigError(f"{rows} training rows at {storage.redact(uri)} are fewer than one global batch "
                           f"({world} workers x {micro_batch_size(t, world)})")
     return datasets, uri, D.files_digest(uri), rows, per_epoch, classes, targets
+
+
+class FlatCurveError(RuntimeError):
+    """The proxy's held-out quality does not rise with its token count: it cannot rank assignments."""
+
+
+def curve_from_metrics(metrics: dict) -> dict[int, dict[str, float]]:
+    """``{count: {"psnr", ...}}`` from the flat ``val/psnr_k<count>`` metrics of a tokenizer run."""
+    curve: dict[int, dict[str, float]] = {}
+    for key, v in metrics.items():
+        if key.startswith("val/") and "_k" in key and not key.startswith("val/baseline"):
+            m, _, k = key[4:].rpartition("_k")
+            if k.isdigit():
+                curve.setdefault(int(k), {})[m] = float(v)
+    return curve
+
+
+def _check_curve(cfg: Config, metrics: dict) -> None:
+    """The method's precondition, enforced: a proxy whose held-out PSNR does not rise at every count, and
+    by ``train.min_curve_gain_db`` overall, fails the stage (no done marker) instead of producing labels
+    that are all the shortest assignment. The curve is printed either way."""
+    curve = curve_from_metrics(metrics)
+    if not curve:
+        return
+    from evatok.evaluation import check_curve
+
+    ok, line = check_curve(curve, cfg.train.min_curve_gain_db)
+    base = {k[len("val/baseline_"):-len("_psnr")]: v for k, v in metrics.items()
+            if k.startswith("val/baseline_") and k.endswith("_psnr")}
+    print(f"[{run_name(cfg)}] held-out quality-cost: {line}; baselines "
+          + ", ".join(f"{k} {v:.2f} dB" for k, v in base.items()), flush=True)
+    if cfg.train.model == "proxy" and cfg.train.min_curve_gain_db > 0 and not ok:
+        raise FlatCurveError(f"the proxy cannot rank assignments: {line}. Train longer or on more data "
+                             f"(proxy.steps, more videos); train.min_curve_gain_db=0 accepts it anyway")
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -412,6 +466,7 @@ def run_training(cfg: Config) -> TrainResult:
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     res = TrainResult(name, t.model, int(out.get("step", t.steps)), out.get("export_uri") or export_uri(cfg),
                       out.get("mlflow_run_id"), ckpt_path, metrics=out.get("metrics", {}))
+    _check_curve(cfg, res.metrics)
     storage.mark_done(done_uri(cfg), {"steps": res.steps, "export_uri": res.export_uri,
                                       "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": ckpt_path,
                                       "metrics": res.metrics})

@@ -176,6 +176,28 @@ class TokenizerRecipe(Recipe):
         video = inputs["video"].float()
         return grid_image(video, model(video, inputs["counts"]).recon)
 
+    @torch.no_grad()
+    def evaluate(self, model, batches) -> dict:
+        """The quality-cost curve on the held-out videos: PSNR/SSIM/MSE at every uniform count, beside
+        the mean-colour and 8x/4x down/up-sampling baselines of the same clips (``evatok.evaluation``).
+        At most ``train.val_clips`` clips, so the check costs seconds."""
+        from evatok.evaluation import baselines, curve_metrics, uniform_curve
+
+        clips, n = [], 0
+        for inputs in batches:
+            clips.append(inputs["video"].float())
+            n += clips[-1].shape[0]
+            if n >= self.t.val_clips:
+                break
+        if not clips:
+            return {}
+        clips = torch.cat(clips)[: self.t.val_clips]
+        mod = model.module if hasattr(model, "module") else model
+        tok = mod.tokenizer if hasattr(mod, "tokenizer") else mod
+        out = curve_metrics(uniform_curve(tok, clips), baselines(clips.cpu()))
+        out["val/clips"] = float(clips.shape[0])
+        return out
+
     def export_module(self, model):
         return model.tokenizer
 
