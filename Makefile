@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The tiny pipeline end to end on this machine (videos -> clips -> proxy -> labels -> router -> final
+# tokenizer -> AR model under runs/tiny/), the stage table, and where to look in MLflow. A rerun does no work.
+demo: $(STAMP)
+	$(BIN)/evatok run -c configs/tiny.yaml
+	$(BIN)/evatok status -c configs/tiny.yaml
+	@echo "Open MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/tiny/mlflow.db  (then http://127.0.0.1:5000)"
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -1,31 +1,92 @@
-"""Label search benchmark: prefix-tree walk vs 625 independent full passes, same process, interleaved.
+"""Label benchmark (not a test): the search and the whole label stage, measured in one run.
 
-    python bench/label_bench.py --clips 4 --repeats 3 [--preset tiny] [--threads 2]
+    .venv/bin/python bench/label_bench.py [--preset tiny] [--search-clips 4] [--stage-clips 48]
+                                          [--repeats 2] [--legacy-rev c6b8676] [--precision-check]
 
-Both searches score the same clips (real synthetic mp4s, decoded as the ingest stage does) with the
-same random-init proxy; each repeat runs prefix then brute force back to back (order alternating),
-and the medians are reported. It prints clips/s for each, the speed ratio and the argmax agreement
-under the default reward (w_q=1.2, w_l=0.8, MSE, statistics from the brute-force table). Not a test:
-timings depend on the machine and its load.
+1. Search, in this process, ``--threads`` torch threads (1 = what a label actor gets): the current
+   prefix walk (``evatok.search.score_assignments``) and the walk as it was before issue 11 (a verbatim
+   copy below, ``legacy_walk``), same random-init model, same clips (real synthetic mp4s decoded as
+   ingest does), same batch size, run back to back with alternating order, ``--repeats`` times; medians.
+   Both are checked against 625 float32 full passes a clip (``score_assignments_bruteforce``, run
+   once): max table difference, and the reward argmax agreement per metric at the default weights and
+   at w_l in {0.1, 0.01, 0} (quality-dominated labels, the most sensitive). ``--precision-check`` adds
+   the walk under bf16 autocast to show why reduced precision is not used.
+2. Stage, each run in a fresh subprocess with its own local Ray (``num_cpus=2``), timing ``run_label``
+   alone (Ray Data planning, actor start and model load, scoring, merge, stats, labels) on the same
+   clips (``--stage-clips`` clips from synthetic videos, ingested by the plain shard function in shards
+   of ``--videos-per-shard`` videos, 3 clips each, like the tiny recipe's equal shards) and the same
+   saved proxy: 1 actor and 2 actors (``label.num_cpus_per_actor=1``: one torch thread each), and,
+   with ``--legacy-rev``, the stage of that git revision (``git archive``, run with it first on
+   PYTHONPATH) with 2 actors. Against the scorer alone: ``workflows.label.Scorer`` in a plain process
+   at the same total threads (2), and two plain processes of 1 thread each scoring half the clips
+   (``multiprocessing.Pool(2)``, the parallel ceiling). Runs rotate order each repeat; medians.
+
+Prints clips/s of everything and the ratios: 2 actors / 1 actor (target >= 1.7), stage / scorer
+alone (target >= 0.9), stage / 2-process ceiling, current stage / legacy stage (target >= 2).
+Timings depend on the machine and on whatever else runs on it: the load average is printed.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+             "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
+    os.environ.setdefault(k, v)
 
-from evatok import synthetic, video
-from evatok.assignment import AssignmentSpace, best_assignment, estimate_stats
-from evatok.search import score_assignments, score_assignments_bruteforce
-from evatok.tokenizer import PRESETS, AdaptiveTokenizer
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from evatok import synthetic, video  # noqa: E402
+from evatok.assignment import AssignmentSpace, best_assignment, estimate_stats  # noqa: E402
+from evatok.search import _mean_metrics, score_assignments, score_assignments_bruteforce  # noqa: E402
+from evatok.tokenizer import PRESETS, AdaptiveTokenizer, PrefixState  # noqa: E402
+
+WEIGHTS = [(1.2, 0.8), (1.0, 0.1), (1.0, 0.01), (1.0, 0.0)]
 
 
+# ----------------------------------------------------------------------------- the walk before issue 11
+@torch.inference_mode()
+def legacy_walk(tokenizer: AdaptiveTokenizer, clips: torch.Tensor, lpips=None, batch_clips: int = 8):
+    """``evatok.search.score_assignments`` as of c6b8676 (verbatim): metrics from ``frame_metrics`` on
+    every node, target repeated per node, 5 blurred SSIM maps a node."""
+    c = tokenizer.config
+    nb, m, pt = c.num_blocks, len(c.counts), c.patch_t
+    chunks = []
+    for chunk in clips.split(batch_clips):
+        b = chunk.shape[0]
+        depth_tables: list[dict[str, torch.Tensor]] = [{} for _ in range(nb)]
+
+        def visit(state: PrefixState, node: int) -> None:
+            t = state.depth
+            recon, _, children = tokenizer.prefix_step(state)
+            target = chunk[:, :, t * pt:(t + 1) * pt].repeat(m, 1, 1, 1, 1)
+            for name, v in _mean_metrics(recon.flatten(0, 1), target, lpips).items():
+                table = depth_tables[t].setdefault(name, v.new_empty(b, m ** (t + 1)))
+                table[:, node * m:(node + 1) * m] = v.view(m, b).t()
+            if t + 1 < nb:
+                for i, child in enumerate(children):
+                    visit(child, node * m + i)
+
+        visit(tokenizer.prefix_init(chunk), 0)
+        chunks.append({name: sum(depth_tables[t][name].repeat_interleave(m ** (nb - 1 - t), 1)
+                                 for t in range(nb)) / nb for name in depth_tables[0]})
+    return {name: torch.cat([ch[name] for ch in chunks]) for name in chunks[0]}
+
+
+# ----------------------------------------------------------------------------- helpers
 def load_clips(n: int, size: int) -> torch.Tensor:
+    """``n`` clips [N, 3, 16, size, size] in [-0.5, 0.5], one from each of ``n`` synthetic mp4s."""
     with tempfile.TemporaryDirectory() as d:
         synthetic.write_dataset(d, n=n, seed=1)
         clips = [video.decode_clips(str(p), clip_len=16, fps=8, size=size, max_clips=1)[1]
@@ -33,38 +94,208 @@ def load_clips(n: int, size: int) -> torch.Tensor:
     return video.to_tensor(torch.from_numpy(np.concatenate(clips)))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--clips", type=int, default=4)
-    p.add_argument("--batch", type=int, default=4, help="clips per batch (both searches)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    a = p.parse_args(argv)
+def load() -> str:
+    return "load average " + " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def agreement(tables: dict, ref: dict, space: AssignmentSpace) -> dict[str, list[int]]:
+    """Per metric: clips whose reward argmax equals the reference's, at each of ``WEIGHTS``."""
+    out = {}
+    for name in ("mse", "psnr", "ssim"):
+        st = estimate_stats(ref[name], space.totals, metric=name)
+        out[name] = [int((best_assignment(tables[name], space.totals, st, wq, wl) ==
+                          best_assignment(ref[name], space.totals, st, wq, wl)).sum()) for wq, wl in WEIGHTS]
+    return out
+
+
+def search_section(a) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = AdaptiveTokenizer(PRESETS[a.preset]()).eval()
-    x = load_clips(a.clips, model.config.size)
+    x = load_clips(a.search_clips, model.config.size)
     space = AssignmentSpace(model.config.counts, model.config.num_blocks)
-    times = {"prefix": [], "bruteforce": []}
-    fns = {"prefix": score_assignments, "bruteforce": score_assignments_bruteforce}
+    fns = {"current walk": lambda: score_assignments(model, x, batch_clips=a.batch),
+           "legacy walk": lambda: legacy_walk(model, x, batch_clips=a.batch)}
+    if a.precision_check:
+        fns["current walk bf16"] = lambda: score_assignments(model, x, batch_clips=a.batch, precision="bf16")
+    score_assignments(model, x[:1], batch_clips=1)  # warm-up (allocator, kernels)
+    times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     tables = {}
+    names = list(fns)
     for r in range(a.repeats):
-        for name in (("prefix", "bruteforce") if r % 2 == 0 else ("bruteforce", "prefix")):
-            t0 = time.perf_counter()
-            tables[name] = fns[name](model, x, batch_clips=a.batch)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            tables[name] = fns[name]()
             times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    stats = estimate_stats(tables["bruteforce"]["mse"], space.totals, metric="mse")
-    best = {k: best_assignment(t["mse"], space.totals, stats) for k, t in tables.items()}
-    agree = float((best["prefix"] == best["bruteforce"]).float().mean()) * 100
-    maxdiff = max(float((tables["prefix"][m] - tables["bruteforce"][m]).abs().max()) for m in tables["prefix"])
-    print(f"preset={a.preset} clips={a.clips} batch={a.batch} threads={a.threads} repeats={a.repeats}")
-    for k in ("prefix", "bruteforce"):
-        print(f"  {k:10s} median {med[k]:8.2f} s  -> {a.clips / med[k]:7.3f} clips/s   (runs: "
-              + ", ".join(f"{t:.2f}" for t in times[k]) + ")")
-    print(f"  speedup {med['bruteforce'] / med['prefix']:.2f}x   argmax agreement {agree:.1f}%   "
-          f"max |table diff| {maxdiff:.2e}")
+            cpu[name].append(time.process_time() - c0)
+    t0 = time.perf_counter()
+    ref = score_assignments_bruteforce(model, x, batch_clips=a.batch)
+    t_brute = time.perf_counter() - t0
+    print(f"\n== search: preset={a.preset} (random init) clips={a.search_clips} batch={a.batch} threads={a.threads} "
+          f"repeats={a.repeats}; {load()}")
+    for k in names + ["625 full passes"]:
+        wall = statistics.median(times[k]) if k in times else t_brute
+        extra = (f"(wall runs {', '.join(f'{t:.2f}' for t in times[k])}; CPU s median {statistics.median(cpu[k]):.2f})"
+                 if k in times else "(once)")
+        print(f"  {k:18s} median {wall:7.2f} s -> {a.search_clips / wall:6.3f} clips/s  {extra}")
+    w = {k: statistics.median(v) for k, v in times.items()}
+    c = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"  current walk vs legacy walk: {w['legacy walk'] / w['current walk']:.2f}x wall, "
+          f"{c['legacy walk'] / c['current walk']:.2f}x CPU time; vs 625 full passes {t_brute / w['current walk']:.2f}x")
+    header = "w_l=" + "/".join(f"{wl:g}" for _, wl in WEIGHTS)
+    for k in names:
+        diff = max(float((tables[k][m] - ref[m]).abs().max()) for m in ref)
+        agree = agreement(tables[k], ref, space)
+        txt = "  ".join(f"{m} {'/'.join(str(v) for v in agree[m])}" for m in agree)
+        full = all(v == a.search_clips for vs in agree.values() for v in vs)
+        print(f"  {k:18s} vs 625 full passes: max |diff| {diff:.2e}; argmax agreement ({header}, of {a.search_clips}): "
+              f"{txt} -> {'100%' if full else 'NOT 100%'}")
+
+
+# ----------------------------------------------------------------------------- stage section
+STAGE_RUN = r"""
+import json, sys, time, ray
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
+from workflows.config import load_config
+from workflows.label import run_label
+cfg = load_config(None, sys.argv[1:])
+t0 = time.perf_counter()
+s = run_label(cfg, quiet=True)
+dt = time.perf_counter() - t0
+import workflows.label as L
+print("RESULT " + json.dumps({"seconds": dt, "clips": s.clips, "module": L.__file__}))
+"""
+
+SCORER_RUN = r"""
+import json, sys, time
+from multiprocessing import Pool
+
+def part(args):
+    proxy, uri, threads, batch, lo, hi = args
+    from workflows import storage
+    from workflows.label import Scorer
+    scorer = Scorer(proxy, batch_size=batch, num_threads=threads)
+    table = storage.read_table(uri, columns=["clip_id", "shape", "frames"])
+    t0 = time.perf_counter()
+    scorer.score(table.slice(lo, hi - lo))
+    return time.perf_counter() - t0, hi - lo
+
+if __name__ == "__main__":
+    proxy, uri, procs, batch, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    t0 = time.perf_counter()
+    if procs == 1:
+        out = [part((proxy, uri, 2, batch, 0, n))]
+    else:
+        cuts = [n * i // procs for i in range(procs + 1)]
+        with Pool(procs) as pool:
+            out = pool.map(part, [(proxy, uri, 1, batch, cuts[i], cuts[i + 1]) for i in range(procs)])
+    # the scoring span: the slowest process's scoring (model load and table read excluded)
+    print("RESULT " + json.dumps({"seconds": max(s for s, _ in out), "clips": sum(c for _, c in out),
+                                   "wall": time.perf_counter() - t0}))
+"""
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> dict:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def stage_section(a) -> None:
+    from evatok.export import save_model
+    from workflows.config import load_config
+    from workflows.ingest import discover, process_shard
+
+    work = Path(tempfile.mkdtemp(prefix="label-bench-"))
+    try:
+        n_videos = -(-a.stage_clips // 3)
+        synthetic.write_dataset(work / "videos", n=n_videos, seed=2)
+        cfg = load_config(None, [f"data.size={PRESETS[a.preset]().size}"])
+        refs = discover(str(work / "videos"))
+        for i in range(0, len(refs), a.videos_per_shard):
+            process_shard(i // a.videos_per_shard, refs[i:i + a.videos_per_shard], str(work / "ingest"), cfg.data)
+        clips_uri = str(work / "ingest" / "clips")
+        from workflows import storage
+
+        n_clips = storage.read_table(clips_uri, columns=["clip_id"]).num_rows
+        shards = len(storage.list_parquet(clips_uri))
+        torch.manual_seed(0)
+        save_model(AdaptiveTokenizer(PRESETS[a.preset]()).eval(), str(work / "proxy.pt"), meta={"note": "bench"})
+        legacy = None
+        if a.legacy_rev:
+            legacy = work / "legacy"
+            legacy.mkdir()
+            arch = subprocess.run(["git", "-C", str(REPO), "archive", a.legacy_rev], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(legacy)], input=arch.stdout, check=True)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        base = [f"label.clips={work / 'ingest'}", f"label.proxy={work / 'proxy.pt'}", "label.metric=mse",
+                f"label.batch_size={a.batch}", "label.num_cpus_per_actor=1", "label.stats_samples=2000"]
+        runs = {
+            "stage, 1 actor": lambda o: _run([sys.executable, "-c", STAGE_RUN, *base, f"label.output={o}",
+                                              "label.num_actors=1", f"label.clips_per_task={a.clips_per_task}"], REPO, env),
+            "stage, 2 actors": lambda o: _run([sys.executable, "-c", STAGE_RUN, *base, f"label.output={o}",
+                                               "label.num_actors=2", f"label.clips_per_task={a.clips_per_task}"], REPO, env),
+            "scorer alone, 1 process x 2 threads": lambda o: _run(
+                [sys.executable, "-c", SCORER_RUN, str(work / "proxy.pt"), clips_uri, "1", str(a.batch), str(n_clips)], REPO, env),
+            "scorer alone, 2 processes x 1 thread": lambda o: _run(
+                [sys.executable, "-c", SCORER_RUN, str(work / "proxy.pt"), clips_uri, "2", str(a.batch), str(n_clips)], REPO, env),
+        }
+        if legacy is not None:
+            lenv = dict(os.environ, PYTHONPATH=str(legacy))
+            runs[f"legacy stage ({a.legacy_rev}), 2 actors"] = lambda o: _run(
+                [sys.executable, "-c", STAGE_RUN, *base, f"label.output={o}", "label.num_actors=2"], legacy, lenv)
+        names = list(runs)
+        secs = {k: [] for k in names}
+        print(f"\n== stage: {n_clips} clips in {shards} shards, preset={a.preset} (random init), batch={a.batch}, "
+              f"clips_per_task={a.clips_per_task}, repeats={a.repeats}; {load()}", flush=True)
+        for r in range(a.repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                out = work / f"out-{len(sum(secs.values(), []))}"
+                res = runs[name](out)
+                if "module" in res and legacy is not None and "legacy" in name:
+                    assert str(legacy) in res["module"], res  # the legacy stage really ran the old code
+                assert res["clips"] == n_clips, res
+                secs[name].append(res["seconds"])
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"  [{r}] {name}: {res['seconds']:.1f} s ({n_clips / res['seconds']:.3f} clips/s); {load()}",
+                      flush=True)
+        cps = {k: n_clips / statistics.median(v) for k, v in secs.items()}
+        print(f"\n== stage results (medians of {a.repeats}; clips/s):")
+        for k in names:
+            print(f"  {k:40s} {cps[k]:7.3f} clips/s  (runs: {', '.join(f'{s:.1f}' for s in secs[k])} s)")
+        s1, s2 = cps["stage, 1 actor"], cps["stage, 2 actors"]
+        print(f"  2 actors / 1 actor                        {s2 / s1:.2f}x   (target >= 1.7)")
+        print(f"  stage (2 actors) / scorer alone 1x2 thr   {s2 / cps['scorer alone, 1 process x 2 threads']:.2f}    (target >= 0.9)")
+        print(f"  stage (2 actors) / 2 plain processes      {s2 / cps['scorer alone, 2 processes x 1 thread']:.2f}")
+        if legacy is not None:
+            print(f"  stage / legacy stage ({a.legacy_rev})        "
+                  f"{s2 / cps[f'legacy stage ({a.legacy_rev}), 2 actors']:.2f}x   (target >= 2)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--search-clips", type=int, default=4)
+    p.add_argument("--stage-clips", type=int, default=48)
+    p.add_argument("--videos-per-shard", type=int, default=4, help="ingest shard size (3 clips a video)")
+    p.add_argument("--batch", type=int, default=4, help="clips per search batch (label.batch_size), both sides")
+    p.add_argument("--clips-per-task", type=int, default=8, help="label.clips_per_task of the stage runs")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the search section")
+    p.add_argument("--legacy-rev", default="", help="git revision whose label stage to run as the baseline")
+    p.add_argument("--precision-check", action="store_true", help="also time and check the walk under bf16")
+    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--skip-stage", action="store_true")
+    a = p.parse_args(argv)
+    if not a.skip_search:
+        search_section(a)
+    if not a.skip_stage:
+        stage_section(a)
 
 
 if __name__ == "__main__":

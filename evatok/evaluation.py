@@ -15,6 +15,8 @@ per-clip means over frames (``evatok.metrics``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,12 +40,13 @@ def uniform_curve(model, clips: torch.Tensor, batch_size: int = 16) -> dict[int,
     cfg = model.config
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
+    p = next(model.parameters())
+    dev, dtype = p.device, p.dtype   # a bf16 model is fed bf16 clips; the metrics are computed in fp32
     out = {}
     for k in cfg.counts:
         parts = []
         for i in range(0, clips.shape[0], batch_size):
-            x = clips[i:i + batch_size].to(dev)
+            x = clips[i:i + batch_size].to(dev, dtype)
             counts = torch.full((x.shape[0], cfg.num_blocks), k, dtype=torch.long, device=dev)
             parts.append({n: v.cpu() for n, v in _scores(model.reconstruct(x, counts), x).items()})
         out[k] = _mean(parts)
@@ -103,3 +106,35 @@ def curve_metrics(curve: dict[int, dict[str, float]], base: dict[str, dict[str, 
     for name, d in (base or {}).items():
         out.update({f"{prefix}baseline_{name}_{m}": v for m, v in d.items()})
     return out
+
+
+def quick_train(model, clips: torch.Tensor, steps: int, lr: float = 2e-3, batch_size: int = 8, seed: int = 0,
+                entropy: float = 0.02, log=None):
+    """A short plain-PyTorch training of ``model`` (an ``AdaptiveTokenizer``) the way the proxy recipe trains
+    it, for checks and benchmarks (the pipeline itself trains through ``workflows.train``): one uniformly
+    random assignment per sample, L1 + codebook + commitment + ``entropy`` x entropy loss, no GAN, AdamW
+    (betas 0.9/0.95, weight decay 1e-4), linear warm-up over 4% of the steps then cosine to 1% of ``lr``.
+    Deterministic in ``seed``. Returns the model in eval mode."""
+    from evatok.assignment import AssignmentSpace
+
+    cfg = model.config
+    space = AssignmentSpace(cfg.counts, cfg.num_blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    warm = max(1, steps // 25)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, clips.shape[0], (batch_size,), generator=g)
+        x = clips[idx]
+        out = model(x, space.table[torch.randint(space.size, (batch_size,), generator=g)])
+        loss = ((out.recon - x).abs().mean() + out.losses["codebook"] + out.losses["commit"]
+                + entropy * out.losses["entropy"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log is not None and (step + 1) % max(1, steps // 4) == 0:
+            log(step + 1, float(loss))
+    return model.eval()

@@ -74,7 +74,15 @@ def to_payload(model: torch.nn.Module, meta: dict | None = None) -> dict:
     }
 
 
+# Config fields added after files were written, with the value that reproduces those older files' models
+# (a default that changed meaning must not silently change an old model).
+LEGACY: dict[str, dict[str, Any]] = {
+    "TokenizerConfig": {"query_init": "first"},  # decoder queries seeded from the block's first token
+}
+
+
 def _build_config(cfg_cls: type, data: dict) -> Any:
+    data = {**{k: v for k, v in LEGACY.get(cfg_cls.__name__, {}).items() if k not in data}, **data}
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     unknown = set(data) - set(fields)
     if unknown:

@@ -2,23 +2,47 @@
 
 ``score_assignments`` walks the prefix tree of the block-causal tokenizer: block t's reconstruction
 depends only on counts 1..t, so the 5 + 25 + 125 + 625 nodes each evaluate one block against their
-parent's cached keys/values, the 5 children of a parent together (their block-t queries concatenated,
-a block-diagonal mask keeping them apart), batched across clips, depth first so only one root-to-leaf
-path of caches is alive. ``score_assignments_bruteforce`` is the fair naive baseline and the reference:
-each assignment's full pass, batched across clips and across assignments of equal total length (no
-padding), with the patch embedding shared.
+parent's cached keys/values, the 5 children of a parent together (``AdaptiveTokenizer.prefix_step``),
+batched across clips, depth first so only one root-to-leaf path of caches is alive.
+``score_assignments_bruteforce`` is the fair naive baseline and the reference: each assignment's full
+pass, batched across clips and across assignments of equal total length (no padding), with the patch
+embedding shared; it scores with ``evatok.metrics.frame_metrics`` directly.
 
-Metrics (``evatok.metrics.frame_metrics``) compare the reconstruction clamped to [-0.5, 0.5] with the
-clip, both shifted to [0, 1]. The node at depth t records block t's metric (mean over its 4 frames); an
-assignment's clip metric is the mean of its 4 block metrics, i.e. the mean over its 16 frames.
+Metrics compare the reconstruction clamped to [-0.5, 0.5] with the clip, both shifted to [0, 1], with
+the definitions of ``evatok.metrics`` (per-frame MSE, PSNR and SSIM, and LPIPS when given). The node at
+depth t records block t's metric (mean over its 4 frames); an assignment's clip metric is the mean of
+its 4 block metrics, i.e. the mean over its 16 frames.
+
+What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_bench.py``):
+- The target side of every metric is computed once per clip block (``_BlockTarget``), not once per
+  node: SSIM blurs 3 maps a node (x, x^2, x*y) instead of 5, with the same separable 'valid' Gaussian
+  as ``evatok.metrics.ssim`` (shifted multiply-adds) and the formula in place. This took the metrics
+  from ~35% of the walk to ~10% (3.5x cheaper a node, same values to 1e-7).
+- Metrics run per ``prefix_step`` call (the 5 children of a parent x the batch's clips). Batching more
+  nodes into one metric call was measured slower on CPU (25 nodes: 2.7x the time a node, the
+  temporaries fall out of cache), so on CPU nodes are not grouped; on CUDA, where every op is a kernel
+  launch, the leaves of a depth-2 node (25 nodes) are scored in one call (``group_leaves``).
+- Nothing leaves the device inside the walk: tables are filled in place on the clips' device, and the
+  caller copies the finished ``[N, 625]`` tables once.
+- ``precision``: the model may run under autocast (``bf16``) for measurements; metrics stay float32.
+  It is not used by the label stage: measured on the tiny preset (8 clips, random init), bf16 made the
+  model ~1.5x faster but moved table entries by up to 4e-4 MSE (near-tied codebook choices flip) and
+  the reward argmax then disagreed with 625 float32 full passes on 1-3 of 8 clips for weights other
+  than the default (w_l in {0.1, 0.01, 0}); labels must hold for any weights (relabel).
+- ``torch.compile`` (per layer or the whole ``prefix_step``, dynamic shapes) was measured: no steady-
+  state gain on CPU (10.5 vs 10.6 s a batch of 4) for 28-48 s of compile CPU time per process: not used.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from evatok.assignment import AssignmentSpace
-from evatok.metrics import frame_metrics
+from evatok.metrics import _gaussian, frame_metrics
 from evatok.tokenizer import AdaptiveTokenizer, PrefixState
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_clips(tokenizer: AdaptiveTokenizer, clips: torch.Tensor) -> None:
@@ -27,38 +51,152 @@ def _check_clips(tokenizer: AdaptiveTokenizer, clips: torch.Tensor) -> None:
         raise ValueError(f"clips must be [N, 3, {c.frames}, {c.size}, {c.size}], got {tuple(clips.shape)}")
 
 
+def autocast(precision: str, device: torch.device | str):
+    """The context the model runs in for ``precision`` (fp32: none)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def _mean_metrics(recon: torch.Tensor, target: torch.Tensor, lpips) -> dict[str, torch.Tensor]:
-    """Mean over frames of each frame metric: ``[R, 3, T, H, W]`` pairs -> {name: [R]}."""
+    """Mean over frames of each frame metric: ``[R, 3, T, H, W]`` pairs -> {name: [R]} (reference path)."""
     m = frame_metrics(recon.clamp(-0.5, 0.5) + 0.5, target + 0.5, lpips=lpips)
     return {k: v.mean(-1) for k, v in m.items()}
 
 
+def _blur(m: torch.Tensor, taps: list[float]) -> torch.Tensor:
+    """Separable 'valid' blur of ``[..., H, W]`` as shifted multiply-adds (as ``evatok.metrics.ssim``)."""
+    n = len(taps)
+    w, h = m.shape[-1] - n + 1, m.shape[-2] - n + 1
+    rows = torch.mul(m[..., :, 0:w], taps[0])
+    for k in range(1, n):
+        rows.add_(m[..., :, k:k + w], alpha=taps[k])
+    out = torch.mul(rows[..., 0:h, :], taps[0])
+    for k in range(1, n):
+        out.add_(rows[..., k:k + h, :], alpha=taps[k])
+    return out
+
+
+class _BlockTarget:
+    """One block of a batch of clips ``[B, 3, t, H, W]`` in [0, 1], with every target-side term of the
+    metrics computed once: scoring a node's reconstructions against it needs only the node's side.
+    Same definitions as ``evatok.metrics.frame_metrics`` (SSIM: Gaussian window 11 / sigma 1.5 or the
+    largest odd window that fits, 'valid', per channel, then the mean over channels)."""
+
+    def __init__(self, y: torch.Tensor, lpips=None, window: int = 11, sigma: float = 1.5,
+                 k1: float = 0.01, k2: float = 0.03):
+        self.y, self.lpips = y.float(), lpips
+        h, w = y.shape[-2:]
+        win = min(window, h - (h + 1) % 2, w - (w + 1) % 2)
+        self.taps = _gaussian(win, sigma * win / window).tolist()  # Python floats: no device reads later
+        self.c1, self.c2 = k1 ** 2, k2 ** 2
+        mu = _blur(self.y, self.taps)
+        mu2 = mu * mu
+        self.mu = mu
+        self.b1 = mu2 + self.c1  # mu_y^2 + c1
+        self.b2 = _blur(self.y * self.y, self.taps).sub_(mu2).add_(self.c2)  # var_y + c2
+        self.y_feats = None if lpips is None else _lpips_features(lpips, _frames(self.y[None]))
+
+    def __call__(self, recon: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstructions ``[n, B, 3, t, H, W]`` (any float dtype) -> {name: [n, B]}, the mean over frames."""
+        x = recon.float().clamp(-0.5, 0.5).add_(0.5)
+        e = (x - self.y).square_().mean((-4, -2, -1))  # [n, B, t] per-frame MSE
+        mx = _blur(x, self.taps)
+        sxx = _blur(x * x, self.taps)
+        sxy = _blur(x * self.y, self.taps)
+        cross = mx * self.mu
+        a1 = cross.mul(2).add_(self.c1)  # 2 mu_x mu_y + c1
+        a2 = sxy.sub_(cross).mul_(2).add_(self.c2)  # 2 cov + c2
+        mx2 = mx.square_()
+        b2 = sxx.sub_(mx2).add_(self.b2)  # var_x + var_y + c2
+        b1 = mx2.add_(self.b1)  # mu_x^2 + mu_y^2 + c1
+        s = a1.mul_(a2).div_(b1.mul_(b2)).mean((-2, -1)).mean(-2)  # [n, B, t]
+        out = {"mse": e.mean(-1), "psnr": (-10.0 * torch.log10(e.clamp_min(1e-10))).mean(-1), "ssim": s.mean(-1)}
+        if self.lpips is not None:
+            n, b, _, t = x.shape[:4]
+            out[self.lpips.metric_name] = _lpips_distance(self.lpips, _frames(x), self.y_feats).view(n, b, t).mean(-1)
+        return out
+
+
+def _frames(v: torch.Tensor) -> torch.Tensor:
+    """``[n, B, 3, t, H, W]`` -> frames ``[n*B*t, 3, H, W]`` (node-major, then clip, then frame)."""
+    return v.movedim(-3, -4).reshape(-1, 3, v.shape[-2], v.shape[-1])
+
+
+def _lpips_features(lp, img: torch.Tensor) -> list[torch.Tensor]:
+    """The unit-normalised backbone features at each LPIPS tap of images ``[N, 3, H, W]`` in [0, 1]: the
+    one-sided half of ``evatok.metrics.LPIPS._distance``, so the target's half is computed once a block."""
+    h = (img.float() * 2 - 1 - lp.shift) / lp.scale
+    feats, start = [], 0
+    for end in lp.taps:
+        h = lp.features[start:end](h)
+        start = end
+        feats.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+    return feats
+
+
+def _lpips_distance(lp, x: torch.Tensor, y_feats: list[torch.Tensor]) -> torch.Tensor:
+    """LPIPS of frames ``x`` ``[n*F, 3, H, W]`` against the ``F`` cached target frames (repeated for every
+    node), in chunks of ``lp.max_batch`` frames: equals ``lp(x, y.repeat(n))``."""
+    f = y_feats[0].shape[0]
+    out = []
+    for s in range(0, x.shape[0], lp.max_batch):
+        xs = x[s:s + lp.max_batch]
+        idx = torch.arange(s, s + xs.shape[0], device=x.device) % f  # target frame of each row
+        total = 0
+        for lin, fx, fy in zip(lp.lins, _lpips_features(lp, xs), y_feats):
+            total = total + lin((fx - fy[idx]) ** 2).mean(dim=(1, 2, 3))
+        out.append(total)
+    return torch.cat(out)
+
+
 @torch.inference_mode()
 def score_assignments(tokenizer: AdaptiveTokenizer, clips: torch.Tensor, lpips=None,
-                      batch_clips: int = 8) -> dict[str, torch.Tensor]:
-    """Metric tables ``{name: [N, 625]}`` (mse, psnr, ssim[, lpips]) for clips ``[N, 3, T, H, W]`` in [-0.5, 0.5]."""
+                      batch_clips: int = 8, precision: str = "fp32",
+                      group_leaves: bool | None = None) -> dict[str, torch.Tensor]:
+    """Metric tables ``{name: [N, 625]}`` (mse, psnr, ssim[, lpips]) for clips ``[N, 3, T, H, W]`` in
+    [-0.5, 0.5], on the clips' device, float32. ``precision``: the model's autocast dtype (see module doc);
+    ``group_leaves``: score the 25 leaves under a depth-2 node in one metric call (default: on CUDA)."""
     _check_clips(tokenizer, clips)
     c = tokenizer.config
     nb, m, pt = c.num_blocks, len(c.counts), c.patch_t
+    group = clips.device.type == "cuda" if group_leaves is None else group_leaves
     chunks = []
     for chunk in clips.split(batch_clips):
         b = chunk.shape[0]
-        depth_tables: list[dict[str, torch.Tensor]] = [{} for _ in range(nb)]  # depth t -> {name: [B, m^(t+1)]}
+        targets = [_BlockTarget(chunk[:, :, t * pt:(t + 1) * pt] + 0.5, lpips) for t in range(nb)]
+        tables: list[dict[str, torch.Tensor]] = [{} for _ in range(nb)]  # depth t -> {name: [B, m^(t+1)]}
+
+        def record(t: int, first: int, recon: torch.Tensor) -> None:  # recon [k*m, B, ...] of nodes first..
+            for name, v in targets[t](recon).items():
+                table = tables[t].get(name)
+                if table is None:
+                    table = tables[t][name] = v.new_empty(b, m ** (t + 1))
+                table[:, first * m:first * m + v.shape[0]] = v.t()
 
         def visit(state: PrefixState, node: int) -> None:
             t = state.depth
-            recon, _, children = tokenizer.prefix_step(state)  # [m, B, 3, pt, H, W]
-            target = chunk[:, :, t * pt:(t + 1) * pt].repeat(m, 1, 1, 1, 1)
-            for name, v in _mean_metrics(recon.flatten(0, 1), target, lpips).items():
-                table = depth_tables[t].setdefault(name, v.new_empty(b, m ** (t + 1)))
-                table[:, node * m:(node + 1) * m] = v.view(m, b).t()
+            with autocast(precision, chunk.device):
+                recon, _, children = tokenizer.prefix_step(state)  # [m, B, 3, pt, H, W]
+            if group and t == nb - 2:  # the m*m leaves below this node, scored together
+                with autocast(precision, chunk.device):
+                    leaves = [tokenizer.prefix_step(child)[0] for child in children]
+                record(t, node, recon)
+                record(t + 1, node * m, torch.cat(leaves))
+                return
+            record(t, node, recon)
             if t + 1 < nb:
                 for i, child in enumerate(children):
                     visit(child, node * m + i)
 
-        visit(tokenizer.prefix_init(chunk), 0)
-        chunks.append({name: sum(depth_tables[t][name].repeat_interleave(m ** (nb - 1 - t), 1)
-                                 for t in range(nb)) / nb for name in depth_tables[0]})
+        with autocast(precision, chunk.device):
+            root = tokenizer.prefix_init(chunk)
+        visit(root, 0)
+        chunks.append({name: sum(tables[t][name].repeat_interleave(m ** (nb - 1 - t), 1)
+                                 for t in range(nb)) / nb for name in tables[0]})
     return {name: torch.cat([ch[name] for ch in chunks]) for name in chunks[0]}
 
 
@@ -66,7 +204,7 @@ def score_assignments(tokenizer: AdaptiveTokenizer, clips: torch.Tensor, lpips=N
 def score_assignments_bruteforce(tokenizer: AdaptiveTokenizer, clips: torch.Tensor, lpips=None,
                                  batch_clips: int = 8, max_rows: int = 64) -> dict[str, torch.Tensor]:
     """Same tables as ``score_assignments`` from 625 full passes per clip (rows of at most ``max_rows``
-    clip-assignment pairs, each batch of one total length)."""
+    clip-assignment pairs, each batch of one total length), in float32, scored with ``frame_metrics``."""
     _check_clips(tokenizer, clips)
     c = tokenizer.config
     space = AssignmentSpace(c.counts, c.num_blocks)

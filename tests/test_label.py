@@ -7,6 +7,10 @@ the `tiny` preset: the plumbing is identical and a 625-assignment brute-force re
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +27,8 @@ from workflows import storage
 from workflows.clips import frames_from_table
 from workflows.config import load_config
 from workflows.ingest import run_ingest
-from workflows.label import (LabelError, labels_uri, run_label, run_relabel, scores_to_arrays)
+from workflows.label import (LabelError, Scorer, finished_units, labels_uri, merge_shard, parquet_rows, plan_units,
+                             read_rows, run_label, run_relabel, scores_to_arrays)
 
 MICRO = dict(size=32, counts=(1, 2, 4, 8, 16), enc_dim=32, enc_layers=1, enc_heads=2, dec_dim=32,
              dec_layers=1, dec_heads=2, codebook_size=64, code_dim=4)
@@ -173,3 +178,144 @@ def test_relabel_from_scores_alone(tmp_path):
         assert lab.column("counts").to_pylist() == space.table[want].tolist()
     with pytest.raises(LabelError, match="lpips"):
         run_relabel(label_cfg("x", "y", out, metric="lpips"), quiet=True)
+
+
+# ----------------------------------------------------------------------------- work units
+def one_shard_clips(tmp_path, tiny_videos, n_videos: int = 8):
+    """``n_videos`` x 3 clips of 32x32 in ONE ingest shard."""
+    src, ing = tmp_path / "src", tmp_path / "ingest"
+    src.mkdir()
+    for p in sorted(tiny_videos.glob("*.mp4"))[:n_videos]:
+        (src / p.name).write_bytes(p.read_bytes())
+    s = run_ingest(load_config(None, [f"ingest.source={src}", f"ingest.output={ing}", "ingest.videos_per_task=64",
+                                      "data.size=32", "data.fps=8"]), quiet=True)
+    assert s.shards == 1 and s.clips == 3 * n_videos
+    return ing
+
+
+def test_units_plan_resume_and_merge(tmp_path):
+    """No Ray: units of a shard scored in any order and any grain, a stop in between, the merge equals
+    scoring the whole shard at once, in row order; reads touch only the rows asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.clips import clip_schema, frames_to_column
+
+    rng = np.random.default_rng(0)
+    n = 7
+    frames = rng.integers(0, 256, (n, 16, 32, 32, 3), dtype=np.uint8)
+    schema = clip_schema(16, 32)
+    cols = {"clip_id": [f"c{i}" for i in range(n)], "video_id": ["v"] * n, "source_uri": ["u"] * n,
+            "window": list(range(n)), "start_s": [0.0] * n, "fps": [8.0] * n, "label": [None] * n,
+            "shape": [[16, 32, 32, 3]] * n}
+    arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != "frames"] + [frames_to_column(frames, 16, 32)]
+    clips = str(tmp_path / "clips" / "shard-00000.parquet")
+    (tmp_path / "clips").mkdir()
+    pq.write_table(pa.Table.from_arrays(arrays, schema=schema), clips, row_group_size=3)  # 3 row groups
+    assert parquet_rows(clips) == n
+    assert read_rows(clips, 2, 5, ["clip_id"]).column("clip_id").to_pylist() == ["c2", "c3", "c4"]
+    assert read_rows(clips, 7, 7, ["clip_id"]).num_rows == 0
+    np.testing.assert_array_equal(frames_from_table(read_rows(clips, 5, 7)), frames[5:7])
+
+    proxy = str(tmp_path / "proxy.pt")
+    make_proxy(proxy)
+    scorer = Scorer(proxy, batch_size=2, num_threads=1)
+    out = str(tmp_path / "L")
+    assert plan_units(n, [], 3) == [(0, 3), (3, 6), (6, 7)]
+    for a, b in [(0, 3), (6, 7)]:  # the run "dies" after two of its three units
+        info = scorer.score_unit(0, clips, a, b, out)
+        assert (info["clips"], info["pid"]) == (b - a, os.getpid())
+    assert finished_units(out, 0) == [(0, 3), (6, 7)]
+    assert merge_shard(out, 0, n) is None  # rows 3..6 are missing: nothing is published
+    todo = plan_units(n, finished_units(out, 0), 2)  # a rerun with another grain fills only the gap
+    assert todo == [(3, 5), (5, 6)]
+    for a, b in todo:
+        scorer.score_unit(0, clips, a, b, out)
+    info = merge_shard(out, 0, n)
+    assert info["clips"] == n and info["units"] == 4 and info["pids"] == [os.getpid()] * 4
+    got = storage.read_table(f"{out}/scores/shard-00000.parquet")
+    assert got.column("clip_id").to_pylist() == cols["clip_id"]
+    want = scorer.score(storage.read_table(clips))
+    for name in ("mse", "psnr", "ssim"):
+        np.testing.assert_allclose(scores_to_arrays(got)[name], scores_to_arrays(want)[name], rtol=1e-6)
+    assert not (tmp_path / "L" / "_units" / "shard-00000").exists()
+    assert json.loads((tmp_path / "L" / "_shards" / "shard-00000.json").read_text())["clips"] == n
+    # units left by another grain may overlap: only a non-overlapping set counts, the gaps are planned
+    assert plan_units(10, [(0, 3), (2, 5), (5, 7)], 4) == [(3, 5), (7, 10)]
+    assert plan_units(0, [], 8) == [(0, 0)] and plan_units(0, [(0, 0)], 8) == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_shard_keeps_every_actor_busy(ray_local, tmp_path, tiny_videos):
+    """A dataset of ONE shard is cut into work units that both actors score (by process id)."""
+    ing = one_shard_clips(tmp_path, tiny_videos)
+    proxy = str(tmp_path / "proxy.pt")
+    make_proxy(proxy)
+    s = run_label(label_cfg(ing, proxy, tmp_path / "L", clips_per_task=2, batch_size=2, num_actors=2), quiet=True)
+    assert (s.shards, s.shards_written, s.units, s.units_written, s.clips) == (1, 1, 12, 12, 24)
+    marker = json.loads((tmp_path / "L" / "_shards" / "shard-00000.json").read_text())
+    assert marker["units"] == 12 and len(marker["pids"]) == 12
+    assert len(set(marker["pids"])) == 2, marker["pids"]  # both actors scored units of the one shard
+    ids = storage.read_table(str(tmp_path / "L" / "scores")).column("clip_id").to_pylist()
+    assert ids == storage.read_table(str(ing / "clips")).column("clip_id").to_pylist()  # shard row order
+
+
+_KILL_DRIVER = """
+import sys, ray
+from workflows.config import load_config
+from workflows.label import run_label
+ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100_000_000, log_to_driver=False)
+run_label(load_config(None, sys.argv[1:]), quiet=True)
+"""
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the session ``sid`` (the driver we started and the Ray it started)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # fields after "(comm)": state ppid pgrp session ...
+                try:
+                    os.kill(int(d), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_label_resumes_mid_shard_after_kill(ray_local, tmp_path, tiny_videos):
+    """The whole job (driver, its Ray, the actor) is SIGKILLed in the middle of a shard; a rerun keeps
+    the units published before the kill, scores only the rest, and every clip appears exactly once."""
+    ing = one_shard_clips(tmp_path, tiny_videos)
+    proxy = str(tmp_path / "proxy.pt")
+    make_proxy(proxy)
+    out = tmp_path / "L"
+    over = [f"label.clips={ing}", f"label.proxy={proxy}", f"label.output={out}", "label.metric=mse",
+            "label.batch_size=1", "label.num_actors=1", "label.clips_per_task=1", "label.stats_samples=2000"]
+    child = subprocess.Popen([sys.executable, "-c", _KILL_DRIVER, *over], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while len(finished_units(str(out), 0)) < 2:
+            assert child.poll() is None, "the first run ended before it could be killed"
+            assert time.time() < deadline, "no unit was published in 180 s"
+            time.sleep(0.05)
+    finally:
+        _kill_session(child.pid)
+        child.wait(timeout=60)
+    assert not (out / "_shards" / "shard-00000.json").exists()  # killed mid-shard
+    kept = finished_units(str(out), 0)
+    assert 2 <= len(kept) < 24
+    s = run_label(load_config(None, over[:-2] + ["label.clips_per_task=5", "label.stats_samples=2000"]), quiet=True)
+    assert s.units_skipped == len(kept) and s.units_written == s.units > 0
+    assert s.shards_written == 1 and s.clips == 24
+    scores = storage.read_table(str(out / "scores"))
+    ids = scores.column("clip_id").to_pylist()
+    assert ids == storage.read_table(str(ing / "clips")).column("clip_id").to_pylist()  # none missing, none twice
+    assert sorted(storage.read_table(s.labels).column("clip_id").to_pylist()) == sorted(ids)
+    assert not (out / "_units" / "shard-00000").exists()

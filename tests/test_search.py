@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evatok.assignment import AssignmentSpace
-from evatok.metrics import frame_metrics
-from evatok.search import score_assignments, score_assignments_bruteforce
+from evatok.assignment import AssignmentSpace, best_assignment, estimate_stats
+from evatok.metrics import LPIPS, frame_metrics
+from evatok.search import _BlockTarget, score_assignments, score_assignments_bruteforce
 from evatok.tokenizer import AdaptiveTokenizer, TokenizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,6 +36,34 @@ def test_tree_walk_equals_bruteforce(setup):
     assert torch.equal(tree["mse"].argmin(1), brute["mse"].argmin(1))
     # the tables are not degenerate: assignments differ
     assert (tree["mse"].std(1) > 0).all()
+    # labels: the reward argmax agrees with 625 full passes for every metric, at the default weights and
+    # at weights where quality decides (w_l -> 0), i.e. for any relabel
+    space = AssignmentSpace(m.config.counts)
+    for name in ("mse", "psnr", "ssim"):
+        st = estimate_stats(brute[name], space.totals, metric=name)
+        for wq, wl in [(1.2, 0.8), (1.0, 0.1), (1.0, 0.01), (1.0, 0.0)]:
+            assert torch.equal(best_assignment(tree[name], space.totals, st, wq, wl),
+                               best_assignment(brute[name], space.totals, st, wq, wl)), (name, wl)
+    # scoring the 25 leaves of a depth-2 node in one metric call (the CUDA default) changes nothing
+    grouped = score_assignments(m, x[:2], batch_clips=2, group_leaves=True)
+    for name in tree:
+        assert torch.allclose(grouped[name], tree[name], atol=1e-6, rtol=1e-6), name
+
+
+def test_block_target_equals_frame_metrics():
+    """The walk's metrics (target side computed once a block, SSIM in place, LPIPS target features
+    cached) equal ``evatok.metrics.frame_metrics`` on the same pairs."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.rand(2, 3, 4, 32, 32, generator=g)  # [B, 3, t, H, W] in [0, 1]
+    recon = y - 0.5 + 0.2 * torch.randn(5, 2, 3, 4, 32, 32, generator=g)  # [n, B, ...], some out of range
+    lpips = LPIPS("alex", allow_random_backbone=True, max_batch=7)  # chunks that cut across nodes
+    with torch.inference_mode():
+        got = _BlockTarget(y, lpips)(recon)
+        ref = frame_metrics(recon.flatten(0, 1).clamp(-0.5, 0.5) + 0.5, y.repeat(5, 1, 1, 1, 1), lpips=lpips)
+    assert set(got) == set(ref) == {"mse", "psnr", "ssim", "lpips_random_backbone"}
+    for name, v in ref.items():
+        assert got[name].shape == (5, 2)
+        assert torch.allclose(got[name], v.mean(-1).view(5, 2), atol=1e-6, rtol=1e-5), name
 
 
 def test_table_entries_are_clip_metrics(setup):

@@ -190,3 +190,25 @@ def test_training_smoke_reconstruction_drops():
         losses.append(rec.item())
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert math.isfinite(end) and end < 0.5 * start and end < variance, (start, end, variance)
+
+
+def test_files_written_before_query_init_load_as_first_token_seeding():
+    """An export without ``query_init`` (written before it existed) keeps the decoder it was trained with."""
+    import io
+
+    from evatok.export import load_model, save_model, to_payload
+
+    m = model(**SMALL, query_init="first")
+    payload = to_payload(m)
+    del payload["config"]["query_init"]
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    buf.seek(0)
+    back = load_model(buf)
+    assert back.config.query_init == "first"
+    x = clips(1, 16)
+    assert torch.allclose(back.reconstruct(x, [2, 4, 8, 16]), m.reconstruct(x, [2, 4, 8, 16]), atol=1e-6)
+    buf = io.BytesIO()
+    save_model(model(**SMALL), buf)
+    buf.seek(0)
+    assert load_model(buf).config.query_init == TokenizerConfig().query_init

@@ -2,6 +2,8 @@
 
 Every command takes ``-c/--config RECIPE.yaml`` and any number of ``key=value`` overrides::
 
+    evatok run -c configs/tiny.yaml          # the whole pipeline (workflows/run.py); rerun = no work
+    evatok status -c configs/tiny.yaml       # what is done / partial / missing / stale
     evatok synth runs/videos --n 64
     evatok ingest -c configs/tiny.yaml ingest.source=runs/videos ingest.output=runs/tiny
     evatok label  -c configs/tiny.yaml label.clips=runs/tiny/clips label.proxy=runs/tiny/proxy.pt
@@ -15,6 +17,7 @@ there is none).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,12 +35,68 @@ ConfigOpt = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, he
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. label.w_q=1.4", show_default=False)
 
 
+ForceOpt = typer.Option(False, "--force", help="Replace outputs made from other settings or inputs (stale) "
+                                               "with a fresh run, instead of refusing.")
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback of a failure.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs (worker output, progress bars).")
+
+
 def _load(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    from workflows.config import absolute_uris
+
     try:
-        return load_config(config, overrides or [])
+        return absolute_uris(load_config(config, overrides or []))
     except ConfigError as e:
-        console.print(f"[red]config error:[/red] {e}")
+        console.print(f"[red]config error:[/red] {e}", markup=True, highlight=False)
         raise typer.Exit(2)
+
+
+def _fail(prefix: str, e: BaseException, code: int, debug: bool) -> None:
+    """One line with the cause (the traceback too with --debug), then exit ``code``."""
+    from rich.markup import escape
+
+    from workflows.run import one_line
+
+    if debug:
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    hint = "" if debug else " (--debug for the traceback)"
+    console.print(f"[red]{escape(prefix)}:[/red] {escape(one_line(e))}{hint}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _guarded(fn, debug: bool):
+    """Run ``fn``; config/usage errors and refusals exit 2, stage failures 1, Ctrl-C 130."""
+    from workflows.fingerprint import StaleOutputError
+    from workflows.run import StageFailed
+
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except ConfigError as e:
+        _fail("config error", e, 2, debug)
+    except StaleOutputError as e:
+        _fail("refused", e, 2, debug)
+    except StageFailed as e:
+        _fail(f"stage {e.stage} failed", e, 1, debug)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]; rerun the same command to resume")
+        raise typer.Exit(130)
+    except Exception as e:  # noqa: BLE001 - any other failure: one line, exit 1
+        _fail("failed", e, 1, debug)
+
+
+def _stages(config: Optional[Path], overrides: Optional[list[str]], names: Optional[list[str]], *, force: bool,
+            debug: bool, verbose: bool, parent: bool, target: Optional[str] = None):
+    """Resolve the plan and run stages (all when ``names`` is None) through ``workflows.run.Runner``."""
+    from workflows.run import Runner, resolve
+
+    def go():
+        runner = Runner(resolve(config, overrides or [], target=target), force=force, verbose=verbose, parent=parent)
+        return runner, runner.run(names)
+    return _guarded(go, debug)
 
 
 def _show(title: str, summary: Any) -> None:
@@ -68,19 +127,60 @@ def synth(
 
 
 @app.command()
-def ingest(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Decode videos (any URI, UCF-101 tree, or manifest) into Parquet shards of fixed clips."""
-    from workflows.ingest import run_ingest
+def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg, force: bool = ForceOpt,
+        debug: bool = DebugOpt, verbose: bool = VerboseOpt) -> None:
+    """The whole pipeline: ingest, train proxy, label, train router, final, AR; what is up to date is skipped.
 
-    _show("ingest", run_ingest(_load(config, overrides)))
+    Outputs default to work_dir/{videos,data,proxy,label,router,final,ar}; with no ingest.source a synthetic
+    dataset is written first. Each stage is one MLflow run under one parent run."""
+    import time
+
+    from workflows.run import mlflow_hint, stage_names
+
+    t0 = time.perf_counter()
+    runner, outcomes = _stages(config, overrides, None, force=force, debug=debug, verbose=verbose, parent=True)
+    ran = [o.stage for o in outcomes if o.action == "ran"]
+    out = Console(highlight=False)
+    if ran:
+        out.print(f"pipeline finished in {time.perf_counter() - t0:.1f}s: ran {', '.join(ran)}; "
+                  f"up to date: {', '.join(o.stage for o in outcomes if o.action != 'ran') or 'none'}"
+                  + (f"; MLflow parent run {runner.parent_run_id}" if runner.parent_run_id else ""), soft_wrap=True)
+    else:
+        out.print(f"nothing to do: all {len(stage_names())} stages are up to date", soft_wrap=True)
+    recipe = f" -c {config}" if config else ""
+    out.print(f"stage table: evatok status{recipe}\nMLflow UI:   {mlflow_hint(runner.tracking_uri)}",
+              soft_wrap=True, markup=False)
 
 
 @app.command()
-def label(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Score all 625 assignments of every clip with the proxy tokenizer; write scores/, stats, labels/."""
-    from workflows.label import run_label
+def status(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+           debug: bool = DebugOpt) -> None:
+    """The pipeline's stages: done / partial (how much) / missing / stale, outputs, MLflow runs, durations."""
+    from workflows.run import Runner, mlflow_hint, resolve, status_table
 
-    _show("label", run_label(_load(config, overrides)))
+    def go():
+        runner = Runner(resolve(config, overrides or []))
+        return runner, runner.status()
+    runner, rows = _guarded(go, debug)
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, width=200)
+    out.print(status_table(rows, title=f"evatok pipeline: {runner.plan.base.name} in {runner.plan.work_dir}"))
+    out.print(f"MLflow UI: {mlflow_hint(runner.tracking_uri)}", soft_wrap=True, markup=False)
+
+
+@app.command()
+def ingest(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+           force: bool = ForceOpt, debug: bool = DebugOpt, verbose: bool = VerboseOpt) -> None:
+    """Decode videos (any URI, UCF-101 tree, or manifest) into Parquet shards of fixed clips."""
+    _stages(config, overrides, ["ingest"], force=force, debug=debug, verbose=verbose, parent=False)
+
+
+@app.command()
+def label(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+          force: bool = ForceOpt, debug: bool = DebugOpt, verbose: bool = VerboseOpt) -> None:
+    """Score all 625 assignments of every clip with the proxy tokenizer; write scores/, stats, labels/."""
+    _stages(config, overrides, ["label"], force=force, debug=debug, verbose=verbose, parent=False)
 
 
 @app.command()
@@ -88,7 +188,17 @@ def relabel(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
     """New reward weights or metric -> new labels from scores/ alone (no model, no Ray)."""
     from workflows.label import run_relabel
 
-    _show("relabel", run_relabel(_load(config, overrides)))
+    from workflows.run import LabelStage, resolve
+
+    def go():
+        plan = resolve(config, overrides or [])
+        summary = run_relabel(plan.base)
+        try:  # so that `evatok run` with these weights finds them done
+            LabelStage().adopt(plan.base, plan)
+        except Exception:  # noqa: BLE001 - the labels are written; a missing proxy only costs the record
+            pass
+        return summary
+    _show("relabel", _guarded(go, False))
 
 
 @app.command()
@@ -96,12 +206,16 @@ def train(
     model: str = typer.Argument(..., help="proxy | router | final | ar"),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
+    force: bool = ForceOpt, debug: bool = DebugOpt, verbose: bool = VerboseOpt,
 ) -> None:
-    """Train one model with the shared Ray Train + DeepSpeed loop; resumes a run of the same name."""
-    from workflows.train import run_training
+    """Train one model with the shared Ray Train + DeepSpeed loop; skips a finished run made from the same
+    config and inputs, resumes an interrupted one."""
+    from workflows.config import MODELS
 
-    cfg = _load(config, [f"train.model={model}", *(overrides or [])])
-    _show(f"train {model}", run_training(cfg))
+    if model not in MODELS:
+        console.print(f"[red]config error:[/red] unknown model {model!r}; choose from {', '.join(MODELS)}")
+        raise typer.Exit(2)
+    _stages(config, overrides, [model], force=force, debug=debug, verbose=verbose, parent=False, target=model)
 
 
 def _stage_commands() -> list[str]:
@@ -112,7 +226,7 @@ def _stage_commands() -> list[str]:
     names = []
     for c in app.registered_commands:
         name = c.name or c.callback.__name__.replace("_", "-")
-        if name not in ("submit", "config") and "config" in inspect.signature(c.callback).parameters:
+        if name not in ("submit", "config", "status") and "config" in inspect.signature(c.callback).parameters:
             names.append(name)
     return names
 

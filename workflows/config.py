@@ -42,6 +42,8 @@ class IngestConfig:
     decode_timeout_per_s: float = 1.0  # + this many seconds per second of video (decoding runs ~10-30x faster)
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per decode task,
                                 # e.g. {evatok_decode: 0.001} pins decoding to the CPU pool (infra/README.md)
+    synthetic_videos: int = 64  # `evatok run` with no source: this many synthetic class-labeled videos
+    synthetic_seed: int = 0     # are written to work_dir/videos first and ingested from there
 
 
 @dataclass
@@ -49,10 +51,13 @@ class LabelConfig:
     clips: str = ""             # URI of ingest output (clips/)
     proxy: str = ""             # URI of the exported proxy tokenizer
     output: str = ""            # URI prefix for scores/, stats and labels/
-    batch_size: int = 4         # clips per actor call
+    batch_size: int = 4         # clips per search batch (the prefix walk runs this many clips together)
+    clips_per_task: int = 8     # clips per work unit (rows of a clips shard): the grain of scheduling,
+                                # progress and resume; every actor stays busy, even on a one-shard dataset
     num_actors: int = 2
     num_cpus_per_actor: float = 1.0  # also the actor's torch thread count (floor, >= 1)
     use_gpu: bool = False
+    gpus_per_actor: float = 1.0  # with use_gpu: a fraction (0.5, 0.25) packs that many actors on one GPU
     metric: str = "lpips"       # distortion used for labels: lpips | mse | psnr | ssim
     w_q: float = 1.2
     w_l: float = 0.8
@@ -256,6 +261,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             key = f"train.{rest}"
         _set_path(tree, key, value)
     return _build(Config, tree)
+
+
+#: Every field that holds a URI (path, file://, s3://, gs://). Relative local paths among them are made
+#: absolute on the driver (``absolute_uris``) before a config travels to Ray workers.
+URI_FIELDS = ("work_dir", "ingest.source", "ingest.output", "label.clips", "label.proxy", "label.output",
+              "label.lpips_backbone", "train.data", "train.labels", "train.val_data", "train.router",
+              "train.tokenizer", "train.lpips_backbone", "train.align_encoder", "train.semantic_disc_encoder",
+              "train.output")
+
+
+def absolute_uris(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose relative local URIs (``URI_FIELDS``, and a ``sqlite:///relative.db``
+    tracking URI) are absolute against the current working directory.
+
+    Call it on the driver: a Ray worker's working directory is not the user's (Ray Train runs a worker
+    in the run's artifacts folder), so ``train.output=runs/tiny/proxy.pt`` resolved there lands inside
+    Ray's session directory. Remote URIs are unchanged; applying it twice changes nothing."""
+    import copy
+    import os
+
+    from workflows import storage
+
+    out = copy.deepcopy(cfg)
+    for dotted in URI_FIELDS:
+        section, _, key = dotted.rpartition(".")
+        node = getattr(out, section) if section else out
+        value = getattr(node, key)
+        if isinstance(value, str) and value:
+            setattr(node, key, storage.absolute(value))
+    uri = out.mlflow.tracking_uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        out.mlflow.tracking_uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return out
 
 
 def to_dict(cfg: Any) -> dict:

@@ -398,7 +398,10 @@ def _ingest_batch(batch: dict, out: str, data_cfg: dict, limits: dict | None = N
 # ----------------------------------------------------------------------------- driver
 def run_ingest(cfg, quiet: bool = False) -> IngestSummary:
     """Discover, shard, decode on Ray Data, publish; resume whatever a previous run left undone."""
+    from workflows.config import absolute_uris
+
     t0 = time.perf_counter()
+    cfg = absolute_uris(cfg)  # relative paths mean the caller's directory, not a Ray worker's
     ic, dc = cfg.ingest, cfg.data
     if not ic.output:
         raise IngestError("ingest.output is empty")

@@ -6,20 +6,31 @@
 Layout under ``cfg.label.output`` (schemas in ``workflows/clips.py``)::
 
     _label.json                         fingerprint: clips shards (name, size, etag), proxy (uri, size, etag)
-    scores/shard-XXXXX.parquet          clip_id + one float32[625] per metric (mse, psnr, ssim[, lpips])
-    _shards/shard-XXXXX.json            score shard markers (published last)
+    _units/shard-XXXXX/rows-AAAAAAAA-BBBBBBBB.parquet
+                                        one work unit's scores (rows [A, B) of clips shard XXXXX), while
+                                        the shard is open; deleted once the shard is published
+    scores/shard-XXXXX.parquet          clip_id + one float32[625] per metric (mse, psnr, ssim[, lpips]),
+                                        rows in the clips shard's order
+    _shards/shard-XXXXX.json            score shard markers (published last; ``pids``: the worker process
+                                        that scored each unit)
     stats.json                          per metric RewardStats (mu/sigma of distortion and of length)
     labels/<metric>-wq<w_q>-wl<w_l>/    shard-XXXXX.parquet: clip_id, assignment, counts, total_tokens, reward,
                                         distortion; _DONE.json last
+    _DONE.json                          the stage summary, last
 
-One score shard per clips shard (same number): an actor reads a whole clips shard, scores it in batches
-of ``batch_size`` clips with the prefix-tree walk (``evatok.search.score_assignments``) and publishes
-the shard atomically. A worker that dies mid-shard publishes nothing; Ray Data retries the shard on
-another actor and the deterministic key means the retry can only write the same object, so every clip
-appears exactly once. A rerun skips shards whose marker exists. Those retries are finite: an actor
-whose process dies is restarted at most ``label.max_restarts`` times and a shard call is retried at
-most ``label.max_task_retries`` times (Ray Data's defaults are -1, forever, which lets one poison
-shard hold the stage); then the stage fails with Ray's error.
+Work units: the driver reads the clips shards' row counts (Parquet footers) and cuts every unfinished
+shard into units of ``label.clips_per_task`` rows; all units go to one Ray Data actor pool (one unit in
+flight per actor), so every actor is busy until the last unit and a one-shard dataset uses all of them.
+An actor reads only its rows (the row groups that hold them), scores them ``batch_size`` clips at a
+time with the prefix-tree walk (``evatok.search.score_assignments``) and publishes the unit atomically
+under its deterministic key. When a shard's last unit arrives, the driver concatenates its units into
+``scores/shard-XXXXX.parquet``, publishes the marker and deletes the units. A worker that dies
+mid-unit publishes nothing for it; Ray retries the unit, and the deterministic key means a retry can
+only write the same object, so every clip appears exactly once. A rerun skips shards whose marker
+exists and, inside unfinished shards, units already published: at most one unit per actor is lost to a
+kill. Retries are finite: an actor whose process dies is restarted at most ``label.max_restarts`` times
+and a unit call is retried at most ``label.max_task_retries`` times (Ray Data's defaults are -1,
+forever, which lets one poison unit hold the stage); then the stage fails with Ray's error.
 
 Statistics [I]: ``stats_samples`` uniformly random (clip, assignment) pairs over ALL scored clips
 (``evatok.assignment.estimate_stats``, seed ``label.seed``), per metric; written once, after the last
@@ -43,6 +54,8 @@ from workflows.stage import (Progress, StageError, claim_output, done_shards, en
                              maybe_crash)
 
 NUM_ASSIGNMENTS = 625
+UNITS = "_units"  # _units/shard-XXXXX/rows-AAAAAAAA-BBBBBBBB.parquet: one work unit's scores
+UNIT_META = b"evatok.label.unit"  # Parquet schema metadata of a unit: its info (counts, seconds, pid)
 
 
 class LabelError(StageError):
@@ -57,6 +70,9 @@ class LabelSummary:
     shards: int = 0
     shards_written: int = 0
     shards_skipped: int = 0
+    units: int = 0              # work units this run had to score (finished shards and units excluded)
+    units_written: int = 0
+    units_skipped: int = 0      # units of unfinished shards that an earlier run had already published
     metric: str = ""
     w_q: float = 0.0
     w_l: float = 0.0
@@ -64,11 +80,12 @@ class LabelSummary:
 
     @property
     def skipped(self) -> bool:
-        return self.shards_written == 0
+        return self.shards_written == 0 and self.units_written == 0
 
     def __str__(self) -> str:
         return (f"label: {self.clips} clips scored x {NUM_ASSIGNMENTS} assignments in {self.shards} shards "
-                f"({self.shards_written} written, {self.shards_skipped} skipped); labels {self.metric} "
+                f"({self.shards_written} written, {self.shards_skipped} skipped; {self.units_written} work units "
+                f"scored, {self.units_skipped} resumed); labels {self.metric} "
                 f"w_q={self.w_q:g} w_l={self.w_l:g} -> {storage.redact(self.labels)} ({self.seconds:.1f}s)")
 
 
@@ -118,6 +135,108 @@ def _scores_table(clip_ids: list[str], tables: dict[str, np.ndarray]) -> pa.Tabl
     return pa.table(cols)
 
 
+# ----------------------------------------------------------------------------- work units (plain)
+def unit_uri(out: str, shard: int, start: int, stop: int) -> str:
+    """Deterministic key of the scores of rows ``[start, stop)`` of clips shard ``shard``."""
+    return storage.join(out, UNITS, f"shard-{shard:05d}", f"rows-{start:08d}-{stop:08d}.parquet")
+
+
+def _unit_range(uri: str) -> tuple[int, int]:
+    a, b = uri.rsplit("/", 1)[-1][len("rows-"):-len(".parquet")].split("-")
+    return int(a), int(b)
+
+
+def finished_units(out: str, shard: int) -> list[tuple[int, int]]:
+    """Row ranges of shard ``shard`` whose unit scores are published (one listing)."""
+    return sorted(_unit_range(u) for u in storage.list_parquet(storage.join(out, UNITS, f"shard-{shard:05d}")))
+
+
+def _pick(ranges) -> list[tuple[int, int]]:
+    """A non-overlapping subset of the non-empty unit ranges, greedily in (start, stop) order. Units of
+    one run never overlap; units left by a run with another ``clips_per_task`` may, and only the picked
+    ones count (the same choice when planning and when merging, since new units only fill the gaps)."""
+    picked: list[tuple[int, int]] = []
+    for a, b in sorted(set(ranges)):
+        if b > a and all(b <= pa or a >= pb for pa, pb in picked):
+            picked.append((a, b))
+    return picked
+
+
+def plan_units(n_rows: int, done: list[tuple[int, int]], per_task: int) -> list[tuple[int, int]]:
+    """The row ranges of a shard of ``n_rows`` clips still to score: the gaps between the finished
+    (picked) units, cut into units of at most ``per_task`` rows. An empty shard is one empty unit, so
+    its (empty) scores table is written by a scorer, with the scorer's columns."""
+    if n_rows == 0:
+        return [] if (0, 0) in done else [(0, 0)]
+    picked = _pick(done)
+    todo, pos = [], 0
+    for a, b in picked + [(n_rows, n_rows)]:
+        for s in range(pos, a, per_task):
+            todo.append((s, min(s + per_task, a)))
+        pos = max(pos, b)
+    return todo
+
+
+def _covers(picked: list[tuple[int, int]], n_rows: int) -> bool:
+    pos = 0
+    for a, b in picked:
+        if a != pos:
+            return False
+        pos = b
+    return pos == n_rows
+
+
+def read_rows(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of one Parquet file, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(uri) as f:
+        pf = pq.ParquetFile(f)
+        groups, first, pos = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if pos < stop and pos + n > start:
+                groups.append(g)
+                first = pos if first is None else first
+            pos += n
+        if not groups:
+            return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
+        table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, stop - start)
+
+
+def parquet_rows(uri: str) -> int:
+    """Row count of one Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(uri) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def merge_shard(out: str, shard: int, n_rows: int) -> dict | None:
+    """Publish ``scores/shard-XXXXX.parquet`` (rows in clips-shard order) and its marker from the
+    shard's finished units, then delete them; None while some rows are not scored yet."""
+    done = finished_units(out, shard)
+    picked = ([(0, 0)] if (0, 0) in done else []) if n_rows == 0 else _pick(done)
+    if not picked or not _covers(picked, n_rows):
+        return None
+    tables, meta = [], []
+    for a, b in picked:
+        t = storage.read_table(unit_uri(out, shard, a, b))
+        meta.append(json.loads((t.schema.metadata or {}).get(UNIT_META, b"{}")))
+        tables.append(t.replace_schema_metadata(None))
+    table = pa.concat_tables(tables)
+    if table.num_rows != n_rows:
+        raise LabelError(f"units of shard {shard} hold {table.num_rows} rows, the clips shard {n_rows}")
+    storage.write_parquet(table, storage.join(out, "scores", shard_name(shard)))
+    info = {"shard": shard, "clips": n_rows, "counts": meta[0].get("counts"), "units": len(picked),
+            "seconds": round(sum(m.get("seconds", 0.0) for m in meta), 3),
+            "pids": [m.get("pid") for m in meta]}  # which worker process scored each unit, in row order
+    mark_shard(out, shard, info)
+    storage.remove(storage.join(out, UNITS, f"shard-{shard:05d}"), recursive=True)
+    return info
+
+
 # ----------------------------------------------------------------------------- scoring (plain class)
 class Scorer:
     """Loads the proxy (and LPIPS) once; scores clips tables. No Ray: the actor wraps it."""
@@ -132,7 +251,7 @@ class Scorer:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if use_gpu else "cpu"
         self.model = load_model(io.BytesIO(storage.read_bytes(proxy)), map_location=self.device).eval()
-        self.batch_size = batch_size
+        self.batch_size = max(1, int(batch_size))
         self.lpips = None
         if lpips_backbone:
             from evatok.metrics import LPIPS
@@ -146,6 +265,8 @@ class Scorer:
             self.lpips = LPIPS(lpips_net, backbone_path=str(local)).to(self.device)
 
     def score(self, clips_table: pa.Table) -> pa.Table:
+        """Scores of a clips table, ``batch_size`` clips at a time: only one batch is on the device, as
+        float32, at any moment; the tables come back to the host once a batch."""
         import torch
 
         from evatok.search import score_assignments
@@ -155,23 +276,30 @@ class Scorer:
         if not ids:
             names = ["mse", "psnr", "ssim"] + ([self.lpips.metric_name] if self.lpips is not None else [])
             return _scores_table([], {n: np.zeros((0, NUM_ASSIGNMENTS), np.float32) for n in names})
-        x = to_tensor(torch.from_numpy(frames_from_table(clips_table))).to(self.device)
-        tables = score_assignments(self.model, x, lpips=self.lpips, batch_clips=self.batch_size)
-        return _scores_table(ids, {k: v.float().cpu().numpy() for k, v in tables.items()})
+        frames = frames_from_table(clips_table)  # uint8 [N, T, H, W, 3], a view of the Arrow buffer
+        parts: dict[str, list[np.ndarray]] = {}
+        for k in range(0, len(ids), self.batch_size):
+            x = to_tensor(torch.from_numpy(frames[k:k + self.batch_size]).to(self.device))
+            tables = score_assignments(self.model, x, lpips=self.lpips, batch_clips=self.batch_size)
+            for name, v in tables.items():
+                parts.setdefault(name, []).append(v.float().cpu().numpy())
+        return _scores_table(ids, {k: np.concatenate(v) for k, v in parts.items()})
 
-    def score_shard(self, i: int, clips_uri: str, out: str) -> dict:
+    def score_unit(self, shard: int, clips_uri: str, start: int, stop: int, out: str) -> dict:
+        """Score rows ``[start, stop)`` of a clips shard and publish them under their unit key."""
         t0 = time.perf_counter()
-        table = storage.read_table(clips_uri, columns=["clip_id", "shape", "frames"])
+        table = read_rows(clips_uri, start, stop, columns=["clip_id", "shape", "frames"])
         scores = self.score(table)
-        storage.write_parquet(scores, storage.join(out, "scores", shard_name(i)))
-        info = {"shard": i, "clips": scores.num_rows, "counts": list(self.model.config.counts),
+        info = {"shard": shard, "start": start, "stop": stop, "clips": scores.num_rows,
+                "counts": list(self.model.config.counts), "pid": os.getpid(),
                 "seconds": round(time.perf_counter() - t0, 3)}
-        mark_shard(out, i, info)
+        scores = scores.replace_schema_metadata({UNIT_META: json.dumps(info)})
+        storage.write_parquet(scores, unit_uri(out, shard, start, stop))
         return info
 
 
 class _LabelActor:
-    """Ray Data callable class: one model load per actor, one clips shard per call."""
+    """Ray Data callable class: one model load per actor, one work unit (rows of a clips shard) per call."""
 
     def __init__(self, out: str, **scorer_kw):
         self.out = out
@@ -179,7 +307,8 @@ class _LabelActor:
 
     def __call__(self, batch: dict) -> dict:
         maybe_crash("label")
-        infos = [self.scorer.score_shard(int(i), str(u), self.out) for i, u in zip(batch["shard"], batch["uri"])]
+        infos = [self.scorer.score_unit(int(i), str(u), int(a), int(b), self.out)
+                 for i, u, a, b in zip(batch["shard"], batch["uri"], batch["start"], batch["stop"])]
         return {"info": np.array([json.dumps(x) for x in infos], dtype=object)}
 
 
@@ -283,7 +412,14 @@ def run_relabel(cfg, quiet: bool = False) -> RelabelSummary:
 
 # ----------------------------------------------------------------------------- driver
 def run_label(cfg, quiet: bool = False) -> LabelSummary:
-    """Score every clip with the proxy on a Ray Data actor pool, then stats.json and labels."""
+    """Score every clip with the proxy on a Ray Data actor pool, then stats.json and labels.
+
+    Work units are ``label.clips_per_task`` rows of a clips shard; all of them go to one pool of
+    ``label.num_actors`` actors, so every actor is busy until the last unit, whatever the shard sizes.
+    The driver merges a shard's units into ``scores/shard-XXXXX.parquet`` as soon as the last of them
+    arrives, so finished shards are published (and progress is reported) while the rest run."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ray.data import ActorPoolStrategy
 
     t0 = time.perf_counter()
@@ -293,6 +429,8 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     if lc.max_restarts < 0 or lc.max_task_retries < 0:
         raise LabelError("label.max_restarts and label.max_task_retries must be >= 0: retries are finite "
                          "(-1 would restart an actor that a poison shard kills forever)")
+    if lc.clips_per_task < 1 or lc.batch_size < 1 or lc.num_actors < 1:
+        raise LabelError("label.clips_per_task, label.batch_size and label.num_actors must be >= 1")
     if lc.metric == "lpips" and not lc.lpips_backbone:
         raise LabelError("label.metric=lpips needs label.lpips_backbone (VGG16 ImageNet weights); "
                          "or choose label.metric=mse|psnr|ssim")
@@ -307,33 +445,66 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
         "proxy": [storage.redact(storage.canonical(lc.proxy)), psize, petag],
         "lpips": [lc.lpips_backbone and storage.redact(lc.lpips_backbone), lc.lpips_net]})
     done = done_shards(out)
-    todo = sorted(i for i in shards if i not in done)
-    progress = Progress("label", len(shards), quiet)
-    progress.done = len(shards) - len(todo)
-    progress.line(f"{len(shards)} clips shards; {len(todo)} to score, {len(done)} already scored")
-    summary = LabelSummary(out, shards=len(shards), shards_skipped=len(shards) - len(todo))
+    open_shards = sorted(i for i in shards if i not in done)
+    with ThreadPoolExecutor(16) as pool:  # footers and unit listings of the unfinished shards
+        rows = dict(zip(open_shards, pool.map(lambda i: parquet_rows(shards[i][0]), open_shards)))
+        finished = dict(zip(open_shards, pool.map(lambda i: finished_units(out, i), open_shards)))
+    summary = LabelSummary(out, shards=len(shards), shards_skipped=len(done))
     infos = [done[i] for i in shards if i in done]
-    if todo:
+    pending: dict[int, set] = {}
+    items = []
+    for i in open_shards:
+        todo = plan_units(rows[i], finished[i], lc.clips_per_task)
+        summary.units_skipped += len(_pick(finished[i])) + ((0, 0) in finished[i])
+        if not todo:  # every unit was published by an earlier run that stopped before merging
+            info = merge_shard(out, i, rows[i])
+            if info is None:
+                raise LabelError(f"shard {i}: finished units do not cover its {rows[i]} rows")
+            infos.append(info)
+            summary.shards_written += 1
+            continue
+        pending[i] = set(todo)
+        items += [{"shard": i, "uri": shards[i][0], "start": a, "stop": b} for a, b in todo]
+    summary.units = len(items)
+    clips_todo = sum(b - a for x in items for a, b in [(x["start"], x["stop"])])
+    progress = Progress("label", len(items), quiet)
+    progress.line(f"{len(shards)} clips shards ({len(done)} already scored); {len(items)} work units of <= "
+                  f"{lc.clips_per_task} clips ({clips_todo} clips) to score, {summary.units_skipped} already scored")
+    if items:
         ray = ensure_ray()
         from workflows.stage import quiet_data_context
 
         quiet_data_context(ray)
-        items = [{"shard": i, "uri": shards[i][0]} for i in todo]
+        n_actors = min(lc.num_actors, len(items))
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
             _LabelActor, batch_size=1, batch_format="numpy",
             fn_constructor_kwargs=dict(out=out, proxy=storage.canonical(lc.proxy), batch_size=lc.batch_size,
                                        use_gpu=lc.use_gpu, lpips_backbone=lc.lpips_backbone,
                                        lpips_net=lc.lpips_net, num_threads=max(1, int(lc.num_cpus_per_actor))),
-            compute=ActorPoolStrategy(size=min(lc.num_actors, len(items))),
-            num_cpus=lc.num_cpus_per_actor, num_gpus=1 if lc.use_gpu else 0,
+            # one unit in flight per actor: a unit queued behind a busy actor would idle the others at the end
+            compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=lc.num_cpus_per_actor, num_gpus=lc.gpus_per_actor if lc.use_gpu else 0,
             max_restarts=lc.max_restarts, max_task_retries=lc.max_task_retries,
             **({"resources": dict(lc.resources)} if lc.resources else {}))
+        scored = 0
         for row in ds.iter_rows():
-            info = json.loads(row["info"])
-            infos.append(info)
-            summary.shards_written += 1
-            progress.shard(f"shard {info['shard']}: {info['clips']} clips ({info['seconds']:.1f}s)")
+            u = json.loads(row["info"])
+            i = u["shard"]
+            summary.units_written += 1
+            scored += u["clips"]
+            el = time.perf_counter() - progress.t0
+            progress.line(f"{summary.units_written}/{len(items)} units, {scored}/{clips_todo} clips ({el:.1f}s, "
+                          f"{scored / max(el, 1e-9):.2f} clips/s): shard {i} rows {u['start']}-{u['stop']} "
+                          f"({u['seconds']:.1f}s, pid {u['pid']})")
+            pending[i].discard((u["start"], u["stop"]))
+            if not pending[i]:
+                info = merge_shard(out, i, rows[i])
+                if info is None:
+                    raise LabelError(f"shard {i}: its units do not cover its {rows[i]} rows")
+                infos.append(info)
+                summary.shards_written += 1
+                progress.line(f"shard {i}: {info['clips']} clips in {info['units']} units published")
     summary.clips = sum(x["clips"] for x in infos)
     stats_uri = storage.join(out, "stats.json")
     if not storage.exists(stats_uri):

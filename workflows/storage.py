@@ -20,9 +20,14 @@ Publishing is atomic: ``write_bytes_atomic`` never leaves a partial object under
 last, after everything under ``prefix``; ``is_done(prefix)`` checks it; ``read_done`` returns the info.
 
 Public API (stable; training and the CLI use it):
-``split_uri, join, fs_for, to_pyarrow, exists, info, list_files, read_bytes, open_read,
-write_bytes_atomic, write_parquet, read_table, list_parquet, torch_save, torch_load, mark_done,
+``split_uri, join, absolute, fs_for, to_pyarrow, exists, info, list_files, read_bytes, open_read,
+sha256, write_bytes_atomic, write_parquet, read_table, list_parquet, torch_save, torch_load, mark_done,
 is_done, read_done, remove, redact``.
+
+Relative local paths mean "relative to the user's working directory", which only the driver knows:
+a Ray worker runs in its own directory (Ray Train: the run's artifacts folder), so ``absolute`` is
+applied to every URI of the config on the driver (``workflows.config.absolute_uris``) before any of
+it is handed to Ray.
 """
 from __future__ import annotations
 
@@ -89,6 +94,15 @@ def _uri(scheme: str, path: str) -> str:
 def canonical(uri: str) -> str:
     """One spelling per object: local URIs become absolute paths, ``s3a://`` becomes ``s3://``."""
     return _uri(*split_uri(uri))
+
+
+def absolute(uri: str) -> str:
+    """A relative local path (``runs/x``, ``~/x``, ``file://runs/x``) made absolute against the current
+    working directory; remote URIs and empty strings are returned unchanged. Call it on the driver:
+    ``split_uri`` would resolve a relative path against whichever process's directory it runs in."""
+    if not uri:
+        return uri
+    return canonical(uri) if split_uri(uri)[0] == "file" else str(uri)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -289,6 +303,42 @@ def open_read(uri: str):
         return fs.open(path, "rb")
     except Exception as e:  # noqa: BLE001
         raise _wrap(e, "open", uri) from None
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def sha256(uri: str, chunk: int = 8 << 20) -> str:
+    """Hex SHA-256 of an object's bytes, streamed (a content digest: unlike size or etag it changes
+    whenever the bytes do). Local files are cached per process by (path, size, mtime)."""
+    import hashlib
+
+    local = local_path(uri)
+    key = None
+    if local is not None:
+        try:
+            st = os.stat(local)
+        except OSError as e:
+            raise _wrap(e, "stat", uri) from None
+        key = (str(local), st.st_size, st.st_mtime_ns)
+        if key in _SHA_CACHE:
+            return _SHA_CACHE[key]
+    h = hashlib.sha256()
+    try:
+        with open_read(uri) as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _wrap(e, "read", uri) from None
+    out = h.hexdigest()
+    if key is not None:
+        _SHA_CACHE[key] = out
+    return out
 
 
 # ----------------------------------------------------------------------------- writing

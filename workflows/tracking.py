@@ -191,3 +191,265 @@ class Tracker:
             self._mlflow.log_input(ds, context=context)
 
         self._call("log_input", _do)
+
+
+# ============================================================================ driver side: stage runs
+def code_version() -> str:
+    """The git commit of the checkout this package runs from (``+dirty`` with local changes), else the
+    installed package version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return f"evatok {version('evatok')}"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def redacted_config(tree: dict) -> dict:
+    """A config tree with credentials redacted and secret-looking keys dropped (for MLflow artifacts)."""
+    from workflows import storage
+
+    out: dict = {}
+    for k, v in tree.items():
+        if _SECRET_KEY.search(str(k)):
+            continue
+        if isinstance(v, dict):
+            out[k] = redacted_config(v)
+        elif isinstance(v, str):
+            out[k] = storage.redact(v)
+        elif isinstance(v, (list, tuple)):
+            out[k] = [storage.redact(x) if isinstance(x, str) else x for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+class Lineage:
+    """MLflow bookkeeping of pipeline stages, from the driver (``MlflowClient``, no fluent state).
+
+    Runs: one parent per ``evatok run``, one child per stage (``mlflow.parentRunId``); a stage run
+    alone is top level. Each run gets the resolved config (redacted; params + ``resolved_config.json``),
+    the code version, one ``log_input`` per input (URI, content digest, producing run id as input
+    tags), its outputs (tags + ``outputs.json``). Trained models are registered (``register``).
+    Like ``Tracker``, a failing tracking server costs a warning, never the stage; the first failure
+    to reach it disables this object."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, work_dir: str | None = None,
+                 quiet: bool = False):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.work_dir = work_dir
+        self.quiet = quiet  # MLflow's INFO lines (database migrations) off the console
+        self.enabled = bool(tracking_uri)
+        self._client = None
+        self._exp_id: str | None = None
+        self.code_version = code_version()
+
+    # ------------------------------------------------------------------ plumbing
+    def _fail(self, what: str, e: Exception, fatal: bool = False) -> None:
+        from workflows import storage
+
+        msg = storage.redact(f"MLflow {what} failed ({type(e).__name__}: {e}); the pipeline continues")[:500]
+        warnings.warn(msg, TrackingWarning, stacklevel=3)
+        log.warning(msg)
+        if fatal:
+            self.enabled = False
+
+    def client(self):
+        if self._client is None:
+            for k, v in _HTTP_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+            import mlflow
+
+            if self.quiet:
+                logging.getLogger("mlflow").setLevel(logging.WARNING)
+            self._client = mlflow.MlflowClient(self.tracking_uri, self.tracking_uri)
+        return self._client
+
+    def experiment_id(self) -> str:
+        if self._exp_id is None:
+            c = self.client()
+            exp = c.get_experiment_by_name(self.experiment)
+            if exp is None:
+                location = None
+                if (self.tracking_uri or "").startswith("sqlite:") and self.work_dir:
+                    from workflows import storage
+
+                    local = storage.local_path(self.work_dir)
+                    if local is not None:  # else MLflow's default: ./mlruns of whichever process creates it
+                        location = (local.resolve() / "mlartifacts").as_uri()
+                try:
+                    self._exp_id = c.create_experiment(self.experiment, artifact_location=location)
+                except Exception:  # noqa: BLE001 - created meanwhile (a worker's Tracker)
+                    self._exp_id = c.get_experiment_by_name(self.experiment).experiment_id
+            else:
+                self._exp_id = exp.experiment_id
+        return self._exp_id
+
+    def ensure_experiment(self) -> None:
+        """Create the experiment (with artifacts under ``work_dir`` for a SQLite store) before any
+        Ray worker's ``Tracker`` would create it with an artifact root in its own working directory."""
+        if not self.enabled:
+            return
+        try:
+            self.experiment_id()
+        except Exception as e:  # noqa: BLE001
+            self._fail("experiment", e, fatal=True)
+
+    def _do(self, what: str, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self._fail(what, e)
+            return None
+
+    # ------------------------------------------------------------------ runs
+    def start(self, run_name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        try:
+            all_tags = {"evatok.run": run_name, "evatok.code_version": self.code_version,
+                        "mlflow.source.git.commit": self.code_version.split("+")[0], **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=all_tags)
+            return run.info.run_id
+        except Exception as e:  # noqa: BLE001
+            self._fail("start", e, fatal=True)
+            return None
+
+    def end(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id:
+            self._do("end_run", lambda: self.client().set_terminated(run_id, status))
+
+    def set_tags(self, run_id: str | None, tags: dict[str, Any]) -> None:
+        from workflows import storage
+
+        if run_id and tags:
+            def _do():
+                for k, v in tags.items():
+                    self.client().set_tag(run_id, k, storage.redact("" if v is None else v)[:5000])
+            self._do("set_tags", _do)
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, Any], step: int = 0) -> None:
+        clean = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        if run_id and clean:
+            def _do():
+                import time as _time
+
+                from mlflow.entities import Metric
+
+                now = int(_time.time() * 1000)
+                self.client().log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in clean.items()])
+            self._do("log_metrics", _do)
+
+    def log_config(self, run_id: str | None, tree: dict, params: bool = True) -> None:
+        """The resolved config: params (flat, redacted) and ``resolved_config.json`` (redacted)."""
+        if not run_id:
+            return
+        from workflows.config import flatten
+
+        clean = redacted_config(tree)
+
+        def _do():
+            from mlflow.entities import Param
+
+            c = self.client()
+            if params:
+                items = sorted(safe_params(flatten(clean)).items())
+                existing = c.get_run(run_id).data.params
+                items = [(k, v) for k, v in items if k not in existing]  # params are write-once
+                for i in range(0, len(items), 90):
+                    c.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
+            c.log_dict(run_id, clean, "resolved_config.json")
+        self._do("log_config", _do)
+
+    def log_inputs(self, run_id: str | None, inputs: dict[str, dict]) -> None:
+        """``{role: {"uri", "digest", "producer_run_id"?, "producer_stage"?}}`` -> one dataset input
+        each: name = role, digest = the content digest (36 characters: MLflow's limit; the whole
+        digest is the input tag ``evatok.digest``), source = the URI."""
+        if not run_id or not inputs:
+            return
+        from workflows import storage
+
+        def _do():
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+            from mlflow.entities import DatasetInput, InputTag
+
+            items = []
+            for role, inp in sorted(inputs.items()):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    src = resolve_dataset_source(storage.redact(inp["uri"]))
+                ds = MetaDataset(src, name=role, digest=str(inp["digest"])[:36])
+                tags = {"mlflow.data.context": role, "evatok.uri": storage.redact(inp["uri"]),
+                        "evatok.digest": str(inp["digest"]), "evatok.kind": str(inp.get("kind", ""))}
+                for key in ("producer_run_id", "producer_stage"):
+                    if inp.get(key):
+                        tags[f"evatok.{key}"] = str(inp[key])
+                items.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in tags.items()]))
+            self.client().log_inputs(run_id, datasets=items)
+        self._do("log_inputs", _do)
+
+    def log_outputs(self, run_id: str | None, outputs: dict[str, dict]) -> None:
+        """``{name: {"uri", "digest"}}`` -> tags ``evatok.output.<name>[.digest]`` and ``outputs.json``."""
+        if not run_id or not outputs:
+            return
+        from workflows import storage
+
+        tags = {}
+        for name, o in outputs.items():
+            tags[f"evatok.output.{name}"] = storage.redact(o["uri"])
+            tags[f"evatok.output.{name}.digest"] = str(o.get("digest", ""))
+        self.set_tags(run_id, tags)
+        self._do("log_outputs", lambda: self.client().log_dict(
+            run_id, {k: {**v, "uri": storage.redact(v["uri"])} for k, v in outputs.items()}, "outputs.json"))
+
+    def register(self, model_name: str, uri: str, digest: str, run_id: str | None,
+                 tags: dict[str, str] | None = None) -> str | None:
+        """A new version of registered model ``model_name`` whose source is the export ``uri`` (its
+        SHA-256 in the version's tags). A tracking server refuses a local-path source outside the
+        run's artifacts; then the source is ``runs:/<run_id>/export`` (an ``export.json`` naming the
+        file and digest) and the tags still give the URI. Returns the version number."""
+        if not self.enabled:
+            return None
+        from workflows import storage
+
+        vtags = {"evatok.uri": storage.redact(uri), "evatok.sha256": digest, **(tags or {})}
+
+        def _do():
+            from mlflow.exceptions import MlflowException
+
+            c = self.client()
+            try:
+                c.create_registered_model(model_name, description="evatok exports of one model kind and recipe")
+            except MlflowException as e:
+                if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+                    raise
+            try:
+                mv = c.create_model_version(model_name, source=storage.redact(uri), run_id=run_id, tags=vtags,
+                                            await_creation_for=0)
+            except MlflowException:
+                if not run_id:
+                    raise
+                c.log_dict(run_id, {"uri": storage.redact(uri), "sha256": digest}, "export/export.json")
+                mv = c.create_model_version(model_name, source=f"runs:/{run_id}/export", run_id=run_id,
+                                            tags=vtags, await_creation_for=0)
+            return str(mv.version)
+        return self._do("register", _do)

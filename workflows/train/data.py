@@ -12,6 +12,7 @@ resumed epoch skips the right *number* of samples per rank, not necessarily the 
 """
 from __future__ import annotations
 
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -39,6 +40,12 @@ def parquet_prefix(uri: str) -> str:
 
 def files_digest(uri: str) -> str:
     return digest(f"{u}|{s}|{e}" for u, s, e in storage.list_files(uri, (".parquet",)))
+
+
+def held_out(ids, every: int) -> set[str]:
+    """[I] The deterministic held-out split: every id whose CRC32 falls into the last 1/``every``
+    (tokenizers split by video id, the router by clip id). ``every <= 0`` holds nothing out."""
+    return {i for i in set(map(str, ids)) if every > 0 and zlib.crc32(i.encode()) % every == 0}
 
 
 def open_dataset(uri: str, columns: list[str] | None = None, cache_bytes: int = 0):

@@ -1,8 +1,12 @@
 """One training loop: Ray Train (V2) ``TorchTrainer`` runs ``train_worker`` on every worker, which
 wraps the recipe's model in ``deepspeed.initialize`` (and the discriminator in its own engine).
 
-Driver (``run_training``): resolve data, MLflow URI and storage; skip a run whose export is already
-marked done; otherwise ``TorchTrainer(...).fit()`` with ``RunConfig(name, storage_path,
+Driver (``run_training``): make every URI absolute, resolve data, MLflow URI and storage; fingerprint
+the run (``workflows.fingerprint.train_fingerprint``: resolved config + content digests of the data,
+labels, router, tokenizer) and skip a run whose ``_DONE.json`` holds that fingerprint and whose export
+still has its recorded SHA-256; refuse (``StaleOutputError``) a place that holds a run made otherwise,
+unless ``force``, which starts a fresh Ray Train run named after the fingerprint (stale checkpoints are
+never resumed); otherwise ``TorchTrainer(...).fit()`` with ``RunConfig(name, storage_path,
 storage_filesystem, FailureConfig(max_failures))``, so a worker failure restarts from the last
 reported checkpoint and rerunning the same command resumes the same run.
 
@@ -17,7 +21,6 @@ import io
 import os
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,9 @@ class TrainResult:
     checkpoint_path: str | None = None
     skipped: bool = False           # already done: nothing trained
     metrics: dict = field(default_factory=dict)
+    fingerprint: str = ""           # what the model was made from (workflows.fingerprint.train_fingerprint)
+    export_sha256: str = ""         # content digest of the exported file
+    seconds: float = 0.0
 
 
 def run_name(cfg: Config) -> str:
@@ -301,18 +307,28 @@ def _export(model, config, state, metrics) -> str:
 
 
 # ============================================================================ driver side
-def _upstream_tags(cfg: Config) -> dict[str, str]:
-    """Lineage: the MLflow run ids recorded in the done markers of the stages this run reads."""
+def _upstream_tags(cfg: Config, parent_run_id: str | None = None) -> dict[str, str]:
+    """Lineage: the MLflow run ids recorded in the done markers of the stages this run reads (an ingest
+    output prefix, or its ``clips/`` folder; a labels prefix), and the parent run (``evatok run``)."""
     tags = {}
     for name, uri in (("data", cfg.train.data), ("labels", cfg.train.labels)):
         if not uri:
             continue
-        try:
-            info = storage.read_done(uri) or {}
-        except storage.StorageError:
-            info = {}
+        info: dict = {}
+        candidates = [uri]
+        if storage.canonical(uri).rstrip("/").endswith("/clips"):
+            candidates.append(storage.canonical(uri).rstrip("/")[: -len("/clips")])
+        for c in candidates:
+            try:
+                info = storage.read_done(c) or {}
+            except storage.StorageError:
+                info = {}
+            if info:
+                break
         if info.get("mlflow_run_id"):
             tags[f"upstream.{name}_run_id"] = str(info["mlflow_run_id"])
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     return tags
 
 
@@ -352,9 +368,9 @@ def _prepare_data(cfg: Config):
     if t.model in ("proxy", "final") and t.val_every > 0:
         # [I] held out by video, never by clip (clips of one video look alike): every video whose id hashes
         # into the last 1/val_every. The quality-cost curve is measured on these after training.
-        vids = storage.read_table(uri, columns=["video_id"]).column("video_id").to_pylist()
-        held = {v for v in set(vids) if zlib.crc32(v.encode()) % t.val_every == 0}
-        if held and len(held) < len(set(vids)):
+        vids = set(storage.read_table(uri, columns=["video_id"]).column("video_id").to_pylist())
+        held = D.held_out(vids, t.val_every)
+        if held and len(held) < len(vids):
             src = D.open_dataset(uri, columns + ["video_id"], cache_bytes=t.cache_data_mb * 2**20)
             ds = src.filter(lambda r, _h=held: r["video_id"] not in _h)
             datasets = {"train": ds, "val": src.filter(lambda r, _h=held: r["video_id"] in _h)}
@@ -363,7 +379,7 @@ def _prepare_data(cfg: Config):
         if t.val_data:
             val = D.open_dataset(D.parquet_prefix(t.val_data), columns)
         else:  # [I] deterministic held-out split: every clip whose id hashes into the last 1/val_every
-            held = {c for c in targets if zlib.crc32(c.encode()) % t.val_every == 0} if t.val_every > 0 else set()
+            held = D.held_out(targets, t.val_every)
             val = ds.filter(lambda r, _h=held: r["clip_id"] in _h)
             ds = ds.filter(lambda r, _h=held: r["clip_id"] not in _h)
         if rewards is not None:
@@ -416,35 +432,63 @@ def _check_curve(cfg: Config, metrics: dict) -> None:
                              f"(proxy.steps, more videos); train.min_curve_gain_db=0 accepts it anyway")
 
 
-def run_training(cfg: Config) -> TrainResult:
-    """Train ``cfg.train.model`` with the shared loop; resume a run of the same name; skip a finished one."""
-    import ray
-    import ray.train
+def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None = None,
+                 fingerprint=None, quiet: bool = False) -> TrainResult:
+    """Train ``cfg.train.model`` with the shared loop. Skip a finished run made from the same config and
+    inputs; resume an interrupted one; refuse one made otherwise unless ``force`` (a fresh run).
+    ``parent_run_id``: the MLflow run this one nests under (``evatok run``); ``fingerprint``: the one
+    the caller already computed; ``quiet``: no skip/replace lines (the caller reports them)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from workflows import fingerprint as F
+    from workflows.config import absolute_uris
+    from workflows.stage import ensure_ray
     from workflows.tracking import resolve_tracking_uri
 
+    t0 = time.perf_counter()
+    cfg = absolute_uris(cfg)  # before anything reaches a worker, whose working directory is not ours
     t = cfg.train
     name = run_name(cfg)
-    done = storage.read_done(done_uri(cfg))
-    if done is not None:
-        print(f"[{name}] already finished: {storage.redact(done.get('export_uri'))} (nothing to do)", flush=True)
-        return TrainResult(name, t.model, int(done["steps"]), done["export_uri"], done.get("mlflow_run_id"),
-                           done.get("checkpoint_path"), skipped=True, metrics=done.get("metrics", {}))
+    place = done_uri(cfg)
+    fp = fingerprint or F.train_fingerprint(cfg)
+    decision = F.decide(f"train {t.model}", fp, place, force=force)
+    if decision.skip:
+        done = decision.record
+        if not quiet:
+            print(f"[{name}] already finished with this config and these inputs: "
+                  f"{storage.redact(done.get('export_uri'))} (nothing to do)", flush=True)
+        return TrainResult(done.get("ray_run", name), t.model, int(done["steps"]), done["export_uri"],
+                           done.get("mlflow_run_id"), done.get("checkpoint_path"), skipped=True,
+                           metrics=done.get("metrics", {}), fingerprint=fp.hash,
+                           export_sha256=done.get("export_sha256", ""), seconds=float(done.get("seconds", 0.0)))
+    if decision.resume:
+        ray_run = decision.claim.get("ray_run", name)
+    elif decision.fresh:
+        # A new Ray Train run (and MLflow run) name: the stale run's checkpoints are never resumed.
+        ray_run = f"{name}-{fp.short}"
+        if not quiet:
+            print(f"[{name}] replacing a run made otherwise ({'; '.join(decision.reasons)}): fresh run {ray_run}",
+                  flush=True)
+    else:
+        ray_run = name
     micro_batch_size(t, t.num_workers)
     deepspeed_config(t, t.num_workers)
     if t.schedule not in ("cosine", "wsd", "constant"):
         raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {t.schedule!r}")
-    if not ray.is_initialized():
-        ray.init()
+    if decision.fresh:  # the old record goes first: from now on the claim says what this place holds
+        storage.remove(storage.join(place, storage.DONE_MARKER))
+    F.write_claim(place, fp, ray_run=ray_run)
+    ray = ensure_ray()
+    import ray.train
+
     datasets, uri, digest, rows, per_epoch, classes, targets = _prepare_data(cfg)
     fs, path = storage.to_pyarrow(storage.join(cfg.work_dir, "ray_results"))
     loop_config = {
-        "cfg": cfg, "run_name": name, "tracking_uri": resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.work_dir),
-        "data_uri": uri, "data_digest": digest, "rows": rows, "per_epoch": per_epoch, "classes": classes,
-        "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
-        "upstream_tags": _upstream_tags(cfg),
+        "cfg": cfg, "run_name": ray_run, "tracking_uri": resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.work_dir),
+        "data_uri": uri, "data_digest": fp.inputs["data"]["digest"], "rows": rows, "per_epoch": per_epoch,
+        "classes": classes, "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
+        "upstream_tags": _upstream_tags(cfg, parent_run_id),
     }
     trainer = TorchTrainer(
         train_worker,
@@ -455,7 +499,7 @@ def run_training(cfg: Config) -> TrainResult:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            name=name, storage_path=path, storage_filesystem=fs,
+            name=ray_run, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(t.use_gpu)},
@@ -464,10 +508,15 @@ def run_training(cfg: Config) -> TrainResult:
     result = trainer.fit()
     out = result.return_value or {}
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-    res = TrainResult(name, t.model, int(out.get("step", t.steps)), out.get("export_uri") or export_uri(cfg),
-                      out.get("mlflow_run_id"), ckpt_path, metrics=out.get("metrics", {}))
+    res = TrainResult(ray_run, t.model, int(out.get("step", t.steps)), out.get("export_uri") or export_uri(cfg),
+                      out.get("mlflow_run_id"), ckpt_path, metrics=out.get("metrics", {}), fingerprint=fp.hash)
     _check_curve(cfg, res.metrics)
-    storage.mark_done(done_uri(cfg), {"steps": res.steps, "export_uri": res.export_uri,
-                                      "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": ckpt_path,
-                                      "metrics": res.metrics})
+    res.export_sha256 = storage.sha256(res.export_uri)
+    res.seconds = time.perf_counter() - t0
+    storage.mark_done(place, {"steps": res.steps, "export_uri": res.export_uri, "export_sha256": res.export_sha256,
+                              "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": ckpt_path,
+                              "metrics": res.metrics, "ray_run": ray_run, "fingerprint": fp.to_json(),
+                              "outputs": {"model": {"uri": res.export_uri, "digest": res.export_sha256,
+                                                    "kind": "file"}},
+                              "seconds": round(res.seconds, 3), "finished_at": time.time()})
     return res
