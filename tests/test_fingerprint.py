@@ -148,7 +148,8 @@ def test_plan_defaults_everything_under_work_dir(tmp_path, monkeypatch):
     assert plan.base.ingest.output == f"{w}/data"
     assert plan.base.label.proxy == f"{w}/proxy/proxy.pt" and plan.base.label.output == f"{w}/label"
     m = plan.models
-    assert m["proxy"].train.steps == 3 and m["router"].train.steps == 200  # per-model sections stay per model
+    router_steps = load_config(REPO / "configs" / "tiny.yaml", ["train.model=router"]).train.steps
+    assert m["proxy"].train.steps == 3 and m["router"].train.steps == router_steps  # sections stay per model
     assert m["router"].train.output == str(tmp_path / "elsewhere/r.pt")
     assert m["router"].train.labels == f"{w}/label/labels/{plan.base.label.metric}-wq{plan.base.label.w_q:g}-wl" \
                                        f"{plan.base.label.w_l:g}"

@@ -208,6 +208,9 @@ def test_router_evaluate_reports_top_k_and_percentile():
                                      "reward": reward}])
     assert out["val/top1"] == 0.5 and out["val/top5"] == 0.5
     assert out["val/reward_percentile"] == pytest.approx(50.0)
+    # the constant baselines beside it: targets 3 and 5 are each half the clips
+    assert out["val/majority_top1"] == 0.5 and out["val/majority_top5"] == 1.0 and out["val/distinct_labels"] == 2
+    assert out["val/majority_reward_percentile"] == pytest.approx(50.0)
 
 
 # ----------------------------------------------------------------------------- paper-scale recipes

@@ -259,7 +259,7 @@ class RouterRecipe(Recipe):
         from evatok.assignment import reward_percentile
 
         n = top1 = top5 = 0
-        rewards, chosen = [], []
+        rewards, chosen, targets = [], [], []
         for inputs in batches:
             logits = model(inputs["video"]).float()
             top = logits.topk(5, dim=-1).indices
@@ -267,14 +267,22 @@ class RouterRecipe(Recipe):
             top1 += int((top[:, 0] == tgt).sum())
             top5 += int((top == tgt[:, None]).any(-1).sum())
             n += len(tgt)
+            targets.append(tgt.cpu())
             if "reward" in inputs:
                 rewards.append(inputs["reward"].float().cpu())
                 chosen.append(top[:, 0].cpu())
         if n == 0:
             return {}
         out = {"val/top1": top1 / n, "val/top5": top5 / n, "val/clips": float(n)}
+        # What a constant answer scores on the same clips: a top-1 is only worth its margin over these.
+        freq = torch.bincount(torch.cat(targets), minlength=625).float()
+        out["val/majority_top1"] = float(freq.max() / n)
+        out["val/majority_top5"] = float(freq.topk(5).values.sum() / n)
+        out["val/distinct_labels"] = float((freq > 0).sum())
         if rewards:
-            out["val/reward_percentile"] = reward_percentile(torch.cat(rewards), torch.cat(chosen))
+            r = torch.cat(rewards)
+            out["val/reward_percentile"] = reward_percentile(r, torch.cat(chosen))
+            out["val/majority_reward_percentile"] = reward_percentile(r, int(freq.argmax()))
         return out
 
 
