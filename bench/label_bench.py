@@ -3,9 +3,10 @@
     .venv/bin/python bench/label_bench.py [--preset tiny] [--search-clips 4] [--stage-clips 48]
                                           [--repeats 2] [--legacy-rev c6b8676] [--precision-check]
 
-1. Search, in this process, ``--threads`` torch threads (1 = what a label actor gets): the current
-   prefix walk (``evatok.search.score_assignments``) and the walk as it was before issue 11 (a verbatim
-   copy below, ``legacy_walk``), same random-init model, same clips (real synthetic mp4s decoded as
+1. Search, in this process, ``--threads`` torch threads (1 = what a label actor gets) and the label
+   actor's allocator settings (``workflows.label.tune_allocator``) for both sides: the current prefix
+   walk (``evatok.search.score_assignments``) and the walk as it was before issue 11 (a verbatim copy
+   below, ``legacy_walk``), same random-init model, same clips (real synthetic mp4s decoded as
    ingest does), same batch size, run back to back with alternating order, ``--repeats`` times; medians.
    Both are checked against 625 float32 full passes a clip (``score_assignments_bruteforce``, run
    once): max table difference, and the reward argmax agreement per metric at the default weights and
@@ -109,7 +110,10 @@ def agreement(tables: dict, ref: dict, space: AssignmentSpace) -> dict[str, list
 
 
 def search_section(a) -> None:
+    from workflows.label import tune_allocator
+
     torch.set_num_threads(a.threads)
+    tuned = tune_allocator()  # as in a label actor; one process, so both walks run with it
     torch.manual_seed(0)
     model = AdaptiveTokenizer(PRESETS[a.preset]()).eval()
     x = load_clips(a.search_clips, model.config.size)
@@ -133,7 +137,7 @@ def search_section(a) -> None:
     ref = score_assignments_bruteforce(model, x, batch_clips=a.batch)
     t_brute = time.perf_counter() - t0
     print(f"\n== search: preset={a.preset} (random init) clips={a.search_clips} batch={a.batch} threads={a.threads} "
-          f"repeats={a.repeats}; {load()}")
+          f"repeats={a.repeats}, allocator tuned for both: {tuned}; {load()}")
     for k in names + ["625 full passes"]:
         wall = statistics.median(times[k]) if k in times else t_brute
         extra = (f"(wall runs {', '.join(f'{t:.2f}' for t in times[k])}; CPU s median {statistics.median(cpu[k]):.2f})"
@@ -196,11 +200,33 @@ if __name__ == "__main__":
 """
 
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> dict:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+def _kill_session(sid: int) -> None:
+    """SIGKILL what is left of the session ``sid`` (a timed-out run and the Ray it started)."""
+    import signal
+
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                        os.kill(int(d), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> dict:
+    """Run one measurement in its own session; a run past ``timeout`` is killed and reported as such."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(p.pid)
+        p.communicate()
+        return {"seconds": float("inf"), "timed_out": True}
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({p.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -233,20 +259,23 @@ def stage_section(a) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         base = [f"label.clips={work / 'ingest'}", f"label.proxy={work / 'proxy.pt'}", "label.metric=mse",
                 f"label.batch_size={a.batch}", "label.num_cpus_per_actor=1", "label.stats_samples=2000"]
+        stage = [sys.executable, "-c", STAGE_RUN, *base]
+        scorer = [sys.executable, "-c", SCORER_RUN, str(work / "proxy.pt"), clips_uri]
+        units = f"label.clips_per_task={a.clips_per_task}"
         runs = {
-            "stage, 1 actor": lambda o: _run([sys.executable, "-c", STAGE_RUN, *base, f"label.output={o}",
-                                              "label.num_actors=1", f"label.clips_per_task={a.clips_per_task}"], REPO, env),
-            "stage, 2 actors": lambda o: _run([sys.executable, "-c", STAGE_RUN, *base, f"label.output={o}",
-                                               "label.num_actors=2", f"label.clips_per_task={a.clips_per_task}"], REPO, env),
-            "scorer alone, 1 process x 2 threads": lambda o: _run(
-                [sys.executable, "-c", SCORER_RUN, str(work / "proxy.pt"), clips_uri, "1", str(a.batch), str(n_clips)], REPO, env),
-            "scorer alone, 2 processes x 1 thread": lambda o: _run(
-                [sys.executable, "-c", SCORER_RUN, str(work / "proxy.pt"), clips_uri, "2", str(a.batch), str(n_clips)], REPO, env),
+            "stage, 1 actor": lambda o: _run([*stage, f"label.output={o}", "label.num_actors=1", units],
+                                             REPO, env, a.run_timeout),
+            "stage, 2 actors": lambda o: _run([*stage, f"label.output={o}", "label.num_actors=2", units],
+                                              REPO, env, a.run_timeout),
+            "scorer alone, 1 process x 2 threads": lambda o: _run([*scorer, "1", str(a.batch), str(n_clips)],
+                                                                  REPO, env, a.run_timeout),
+            "scorer alone, 2 processes x 1 thread": lambda o: _run([*scorer, "2", str(a.batch), str(n_clips)],
+                                                                   REPO, env, a.run_timeout),
         }
-        if legacy is not None:
+        if legacy is not None:  # the old code first on the path: its own label.py, search.py, config.py
             lenv = dict(os.environ, PYTHONPATH=str(legacy))
             runs[f"legacy stage ({a.legacy_rev}), 2 actors"] = lambda o: _run(
-                [sys.executable, "-c", STAGE_RUN, *base, f"label.output={o}", "label.num_actors=2"], legacy, lenv)
+                [*stage, f"label.output={o}", "label.num_actors=2"], legacy, lenv, a.run_timeout)
         names = list(runs)
         secs = {k: [] for k in names}
         print(f"\n== stage: {n_clips} clips in {shards} shards, preset={a.preset} (random init), batch={a.batch}, "
@@ -257,7 +286,7 @@ def stage_section(a) -> None:
                 res = runs[name](out)
                 if "module" in res and legacy is not None and "legacy" in name:
                     assert str(legacy) in res["module"], res  # the legacy stage really ran the old code
-                assert res["clips"] == n_clips, res
+                assert res.get("timed_out") or res["clips"] == n_clips, res
                 secs[name].append(res["seconds"])
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  [{r}] {name}: {res['seconds']:.1f} s ({n_clips / res['seconds']:.3f} clips/s); {load()}",
@@ -289,6 +318,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the search section")
     p.add_argument("--legacy-rev", default="", help="git revision whose label stage to run as the baseline")
     p.add_argument("--precision-check", action="store_true", help="also time and check the walk under bf16")
+    p.add_argument("--run-timeout", type=float, default=3600, help="seconds before a stage/scorer run is killed")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--skip-stage", action="store_true")
     a = p.parse_args(argv)

@@ -28,7 +28,7 @@ from workflows.clips import frames_from_table
 from workflows.config import load_config
 from workflows.ingest import run_ingest
 from workflows.label import (LabelError, Scorer, finished_units, labels_uri, merge_shard, parquet_rows, plan_units,
-                             read_rows, run_label, run_relabel, scores_to_arrays)
+                             read_rows, reward_rows, run_label, run_relabel, scores_to_arrays)
 
 MICRO = dict(size=32, counts=(1, 2, 4, 8, 16), enc_dim=32, enc_layers=1, enc_heads=2, dec_dim=32,
              dec_layers=1, dec_heads=2, codebook_size=64, code_dim=4)
@@ -169,6 +169,12 @@ def test_relabel_from_scores_alone(tmp_path):
     stats = compute_stats(out, 3000, 0, counts)
     storage.write_bytes_atomic(f"{out}/stats.json", json.dumps(stats).encode())
     space = AssignmentSpace(counts)
+    # streamed shard by shard, equal to estimate_stats over every clip at once
+    from evatok.assignment import estimate_stats
+
+    assert stats["clips"] == 5
+    for m, v in tables.items():
+        assert stats["metrics"][m] == estimate_stats(v, space.totals.numpy(), 3000, 0, metric=m).to_dict()
     for metric, wq, wl in [("mse", 1.2, 0.8), ("psnr", 2.0, 0.1)]:
         rel = run_relabel(label_cfg("x", "y", out, metric=metric, w_q=wq, w_l=wl), quiet=True)
         want = best_assignment(tables[metric], space.totals.numpy(), RewardStats(**stats["metrics"][metric]), wq, wl)
@@ -178,6 +184,16 @@ def test_relabel_from_scores_alone(tmp_path):
         assert lab.column("counts").to_pylist() == space.table[want].tolist()
     with pytest.raises(LabelError, match="lpips"):
         run_relabel(label_cfg("x", "y", out, metric="lpips"), quiet=True)
+    # reward_rows streams the score shards too: every clip, or the ones asked for
+    from evatok.assignment import reward
+
+    rel = run_relabel(label_cfg("x", "y", out, metric="mse"), quiet=True)
+    rows = reward_rows(rel.labels)
+    want = reward(tables["mse"], space.totals.numpy(), RewardStats(**stats["metrics"]["mse"]), 1.2, 0.8)
+    assert sorted(rows) == ids
+    for i, c in enumerate(ids):
+        np.testing.assert_allclose(rows[c], want[i], rtol=1e-6)
+    assert sorted(reward_rows(rel.labels, {"c1", "c4", "nope"})) == ["c1", "c4"]
 
 
 # ----------------------------------------------------------------------------- work units
