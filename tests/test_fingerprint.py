@@ -210,5 +210,5 @@ def test_relabel_output_is_adopted_by_the_pipeline(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     plan2 = resolve(recipe, base + ["label.w_q=2.0"])
     cfg2 = stage.config(plan2)
-    assert stage.place(cfg2).endswith("labels/mse-wq2-wl0.8")
+    assert stage.place(cfg2).endswith(f"labels/mse-wq2-wl{cfg2.label.w_l:g}")
     assert F.decide("label", stage.fingerprint(cfg2, plan2), stage.place(cfg2)).skip

@@ -25,6 +25,17 @@ from workflows import fingerprint as F
 from workflows import storage
 
 TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def _labels_tag() -> str:
+    """The labels folder the tiny recipe's reward weights name (``label.metric``-wq``w_q``-wl``w_l``)."""
+    from workflows.config import load_config
+
+    lc = load_config(TINY).label
+    return f"{lc.metric}-wq{lc.w_q:g}-wl{lc.w_l:g}"
+
+
+LABELS = _labels_tag()
 MODELS = ("proxy", "router", "final", "ar")
 #: Micro scale: one 64x64 clip per video, one video per shard, 4 steps per model.
 MICRO = ["data.max_clips_per_video=1", "ingest.videos_per_task=1", "train.batch_size=4",
@@ -247,7 +258,7 @@ def test_pipeline_end_to_end_on_s3_with_lineage_kill_and_rerun(user_dir, s3_buck
     assert proc.returncode == -signal.SIGKILL
     partial = len(marks())
     assert 1 <= partial < 6, f"{partial} label shards when killed"
-    assert not storage.exists(f"{wd}/label/labels/mse-wq1.2-wl0.8/_DONE.json")
+    assert not storage.exists(f"{wd}/label/labels/{LABELS}/_DONE.json")
     t_kill = time.perf_counter() - t0
 
     # 2) run again: up-to-date stages skipped, labeling resumed, the rest trained
@@ -262,12 +273,12 @@ def test_pipeline_end_to_end_on_s3_with_lineage_kill_and_rerun(user_dir, s3_buck
     # every clip scored and labeled exactly once
     clips = storage.read_table(f"{wd}/data/clips", columns=["clip_id"]).column("clip_id").to_pylist()
     scores = storage.read_table(f"{wd}/label/scores", columns=["clip_id"]).column("clip_id").to_pylist()
-    labels = storage.read_table(f"{wd}/label/labels/mse-wq1.2-wl0.8", columns=["clip_id"]).column("clip_id").to_pylist()
+    labels = storage.read_table(f"{wd}/label/labels/{LABELS}", columns=["clip_id"]).column("clip_id").to_pylist()
     assert len(clips) == 6 and sorted(scores) == sorted(labels) == sorted(clips)
 
     # each stage's record: fingerprint, outputs with digests, MLflow run id
     recs = {"ingest": storage.read_done(f"{wd}/data"),
-            "label": storage.read_done(f"{wd}/label/labels/mse-wq1.2-wl0.8"),
+            "label": storage.read_done(f"{wd}/label/labels/{LABELS}"),
             **{m: storage.read_done(f"{wd}/train/tiny-{m}") for m in MODELS}}
     for name, rec in recs.items():
         assert rec and rec["fingerprint"]["hash"] and rec["mlflow_run_id"], (name, rec)
