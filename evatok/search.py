@@ -25,10 +25,10 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
 - Nothing leaves the device inside the walk: tables are filled in place on the clips' device, and the
   caller copies the finished ``[N, 625]`` tables once.
 - ``precision``: the model may run under autocast (``bf16``) for measurements; metrics stay float32.
-  It is not used by the label stage: measured on the tiny preset (8 clips, random init), bf16 made the
-  model ~1.5x faster but moved table entries by up to 4e-4 MSE (near-tied codebook choices flip) and
-  the reward argmax then disagreed with 625 float32 full passes on 1-3 of 8 clips for weights other
-  than the default (w_l in {0.1, 0.01, 0}); labels must hold for any weights (relabel).
+  It is not used by the label stage: measured on the tiny preset (random init), bf16 made the model
+  ~1.5x faster but moved table entries by up to 4e-4 MSE (near-tied codebook choices flip), and the
+  reward argmax then disagreed with 625 float32 full passes: 1-3 of 8 clips at w_l in {0.1, 0.01, 0},
+  and 1 of 4 other clips at the default weights (``bench/label_bench.py --precision-check``).
 - ``torch.compile`` (per layer or the whole ``prefix_step``, dynamic shapes) was measured: no steady-
   state gain on CPU (10.5 vs 10.6 s a batch of 4) for 28-48 s of compile CPU time per process: not used.
 """
@@ -39,7 +39,7 @@ import contextlib
 import torch
 
 from evatok.assignment import AssignmentSpace
-from evatok.metrics import _gaussian, frame_metrics
+from evatok.metrics import _blur_valid as _blur, _gaussian, frame_metrics
 from evatok.tokenizer import AdaptiveTokenizer, PrefixState
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,19 +65,6 @@ def _mean_metrics(recon: torch.Tensor, target: torch.Tensor, lpips) -> dict[str,
     """Mean over frames of each frame metric: ``[R, 3, T, H, W]`` pairs -> {name: [R]} (reference path)."""
     m = frame_metrics(recon.clamp(-0.5, 0.5) + 0.5, target + 0.5, lpips=lpips)
     return {k: v.mean(-1) for k, v in m.items()}
-
-
-def _blur(m: torch.Tensor, taps: list[float]) -> torch.Tensor:
-    """Separable 'valid' blur of ``[..., H, W]`` as shifted multiply-adds (as ``evatok.metrics.ssim``)."""
-    n = len(taps)
-    w, h = m.shape[-1] - n + 1, m.shape[-2] - n + 1
-    rows = torch.mul(m[..., :, 0:w], taps[0])
-    for k in range(1, n):
-        rows.add_(m[..., :, k:k + w], alpha=taps[k])
-    out = torch.mul(rows[..., 0:h, :], taps[0])
-    for k in range(1, n):
-        out.add_(rows[..., k:k + h, :], alpha=taps[k])
-    return out
 
 
 class _BlockTarget:
