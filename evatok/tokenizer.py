@@ -104,6 +104,7 @@ class Layout(NamedTuple):
     pos: torch.Tensor  # [B, L]
     valid: torch.Tensor  # [B, L]
     starts: torch.Tensor  # [B, num_blocks] first slot of each block
+    counts: torch.Tensor  # [B, num_blocks] tokens of each block
 
 
 @dataclass
@@ -242,7 +243,7 @@ class AdaptiveTokenizer(nn.Module):
         slot = torch.arange(int(ends[:, -1].max()), device=counts.device).expand(counts.shape[0], -1)
         block = torch.searchsorted(ends, slot.contiguous(), right=True)
         pos = (slot - starts.gather(1, block.clamp(max=nb - 1))).clamp(0, self.config.kmax - 1)
-        return Layout(block, pos, block < nb, starts)
+        return Layout(block, pos, block < nb, starts, counts)
 
     def _encode(self, x, counts, with_losses: bool, embedded=None):
         patches, queries = self._embed(x) if embedded is None else embedded
@@ -291,8 +292,7 @@ class AdaptiveTokenizer(nn.Module):
         per_block = tokens.new_zeros(b, nb * kmax + 1, tokens.shape[-1])
         per_block.scatter_(1, slot[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
         per_block = per_block[:, :-1].reshape(b, nb, kmax, -1)
-        counts = torch.stack([(lay.valid & (lay.block == t)).sum(1) for t in range(nb)], 1)
-        cover = self.cover.to(tokens.dtype)[self.count_index[counts]]  # [B, nb, hw, kmax]
+        cover = self.cover.to(tokens.dtype)[self.count_index[lay.counts]]  # [B, nb, hw, kmax]
         return torch.einsum("btpj,btjd->btpd", cover, per_block).reshape(b, nb * c.hw, -1)
 
     def forward(self, x: torch.Tensor, counts) -> TokenizerOutput:
