@@ -217,6 +217,8 @@ def _probe(path: str | None, data: bytes | None, size: int, name: str) -> VideoI
             raise NoVideoStreamError(f"no video stream (streams: {', '.join(kinds)})", name)
         s = streams[0]
         cc = s.codec_context
+        if cc is None:  # a damaged stream header: FFmpeg found no codec for it
+            raise CorruptVideoError("video stream has no usable codec (damaged stream header)", name)
         width, height = int(cc.width or 0), int(cc.height or 0)
         rate = s.average_rate or s.guessed_rate or s.base_rate
         fps = float(rate) if rate else 0.0
