@@ -7,7 +7,14 @@ optionally, adds a frozen VideoMAE-B discriminator with trainable 1D-conv heads 
   `AutoModel.from_pretrained(path, local_files_only=True)`, frozen and locked in eval mode. Its
   preprocessing (resize to the encoder's frame count / image size, normalise with the checkpoint's
   mean/std from its processor config, else ImageNet stats) is part of the module, and differentiable, so
-  the semantic discriminator passes gradients to the generator through it.
+  the semantic discriminator passes gradients to the generator through it. The preprocessed input is
+  cast to the encoder's weight dtype, so an encoder cast to bf16 (DeepSpeed's bf16 engine casts every
+  module it wraps, frozen ones included) runs on the float32 video the loop hands it.
+- V-JEPA2 runs at `VJEPA2_IMAGE_SIZE` = 128 px by default (the clip size of every EVATok recipe), not at
+  its checkpoint's crop size (256: a 4x larger token grid). Its attention is RoPE with the token grid
+  read from `config.crop_size`, so the size is set in the loaded config (`crop_size=image_size`), not
+  only in the resize: feeding 128 px to a model configured for 256 would give every token the wrong
+  (t, h, w) position. VideoMAE keeps its checkpoint size (its position table is fixed).
 - `Aligner`: L_align = -mean_n cos(phi(f_dec^n), f_sem^n).
   The paper's text (as extracted) applies phi = "MLP + depatchify" to the *semantic* features. We put the
   trainable MLP on the *tokenizer* side instead (REPA's convention): a trainable map applied to a frozen
@@ -36,6 +43,7 @@ from .metrics import MissingWeightsError  # one error type for every missing-wei
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUPPORTED = ("videomae", "vjepa2")
+VJEPA2_IMAGE_SIZE = 128  # EVATok's clips are 16x128x128: V-JEPA2-L (16 px patches, tubelet 2) -> 8x8x8 tokens
 _PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 
 
@@ -98,8 +106,12 @@ class FrozenVideoEncoder(nn.Module):
         x = (x - self.mean) / self.std
         return x.permute(0, 2, 1, 3, 4).contiguous()           # transformers wants [B, T, C, H, W]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def forward(self, x: torch.Tensor, hidden_states: bool = False):
-        px = self.preprocess(x)
+        px = self.preprocess(x).to(self.dtype)  # VideoMAE's patch embedding does not cast to its weights
         if self.kind == "vjepa2":
             out = self.model(pixel_values_videos=px, skip_predictor=True, output_hidden_states=hidden_states)
         else:
@@ -121,7 +133,9 @@ def load_frozen_encoder(path: str | Path | None, what: str = "video encoder",
                         image_size: int | None = None) -> FrozenVideoEncoder:
     """Load a VideoMAE / V-JEPA2 `save_pretrained` directory as a frozen, eval-mode encoder.
 
-    `image_size` overrides the checkpoint's input size (e.g. run V-JEPA2 at the clip's 128 px)."""
+    `image_size`: the encoder's input side. V-JEPA2 defaults to `VJEPA2_IMAGE_SIZE` (128, the clips'
+    size) and is loaded with `crop_size=image_size` (its RoPE grid); VideoMAE defaults to its
+    checkpoint's `image_size` and refuses another one (a fixed position table)."""
     p = check_checkpoint_dir(path, what)
     try:
         from transformers import AutoConfig, AutoModel
@@ -130,19 +144,23 @@ def load_frozen_encoder(path: str | Path | None, what: str = "video encoder",
     cfg = AutoConfig.from_pretrained(p, local_files_only=True)
     if cfg.model_type not in SUPPORTED:
         raise ValueError(f"{what}: {p} holds a {cfg.model_type!r} model; supported: {SUPPORTED}")
-    model = AutoModel.from_pretrained(p, local_files_only=True)
+    if cfg.model_type == "vjepa2":
+        size, frames = int(image_size or VJEPA2_IMAGE_SIZE), None
+        if size % _pair(cfg.patch_size):
+            raise ValueError(f"{what}: image_size {size} is not a multiple of the patch size {_pair(cfg.patch_size)}")
+        model = AutoModel.from_pretrained(p, local_files_only=True, crop_size=size)  # the RoPE grid follows it
+    else:
+        size, frames = _pair(cfg.image_size), cfg.num_frames
+        if image_size is not None and int(image_size) != size:
+            raise ValueError(f"{what}: VideoMAE at {p} takes {size} px (fixed position table), not {image_size}")
+        model = AutoModel.from_pretrained(p, local_files_only=True)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     for name in _PROCESSOR_FILES:
         if (p / name).is_file():
             proc = json.loads((p / name).read_text())
             mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
             break
-    if cfg.model_type == "vjepa2":
-        size, frames = cfg.crop_size, None
-    else:
-        size, frames = cfg.image_size, cfg.num_frames
-    return FrozenVideoEncoder(model, mean, std, int(image_size or _pair(size)), frames,
-                              int(cfg.tubelet_size), _pair(cfg.patch_size))
+    return FrozenVideoEncoder(model, mean, std, size, frames, int(cfg.tubelet_size), _pair(cfg.patch_size))
 
 
 def _as_encoder(encoder: FrozenVideoEncoder | str | Path | None, what: str) -> FrozenVideoEncoder:
@@ -225,4 +243,5 @@ class SemanticDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hs = self.encoder(x, hidden_states=True)  # gradients flow to x (frozen weights get none)
-        return torch.stack([head(hs[i]) for head, i in zip(self.heads, self.layers)], dim=1)
+        dt = self.heads[0].inp.weight.dtype  # the heads may train in another dtype than the frozen encoder
+        return torch.stack([head(hs[i].to(dt)) for head, i in zip(self.heads, self.layers)], dim=1)
