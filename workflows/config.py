@@ -120,6 +120,53 @@ class TrainConfig:
 
 
 @dataclass
+class TokenizeConfig:
+    """``evatok tokenize``: each clip's assignment (``mode``) encoded by the final tokenizer into
+    ``output/codes/`` (docs/evaluate.md). Empty URIs default to the pipeline's places under ``work_dir``."""
+    clips: str = ""             # ingest output (or its clips/); "" -> work_dir/data
+    tokenizer: str = ""         # exported final tokenizer; "" -> work_dir/final/final.pt
+    router: str = ""            # exported router (modes router, budget:<tokens>); "" -> work_dir/router/router.pt
+    labels: str = ""            # a labels/ prefix of the label stage (mode labels); "" -> the recipe's labels
+    output: str = ""            # "" -> work_dir/codes (codes/, errors/, markers)
+    mode: str = "router"        # router | uniform:<count> | labels | budget:<mean tokens per clip>
+    calibration_clips: int = 512  # budget mode: lambda is fitted on up to this many clips of training videos
+    val_every: int | None = None  # held-out videos (never calibration clips); None -> the final tokenizer's
+                                # train.val_every
+    batch_size: int = 8         # clips per encoder call (one assignment per call: no padding)
+    num_actors: int = 2
+    num_cpus_per_actor: float = 1.0  # also the actor's torch thread count (floor, >= 1)
+    use_gpu: bool = False
+    gpus_per_actor: float = 1.0
+    max_restarts: int = 3       # finite Ray retries, as label
+    max_task_retries: int = 3
+
+
+@dataclass
+class EvaluateConfig:
+    """``evatok evaluate``: reconstruction quality against mean tokens per clip on held-out videos, for
+    uniform, router, budget, label (oracle) and threshold assignments (docs/evaluate.md)."""
+    clips: str = ""             # ingest output (or its clips/); "" -> work_dir/data
+    tokenizer: str = ""         # "" -> work_dir/final/final.pt
+    router: str = ""            # "" -> work_dir/router/router.pt
+    labels: str = ""            # labels/ prefix (oracle, top-1/top-5, reward percentiles); "" -> the recipe's labels
+    output: str = ""            # "" -> work_dir/eval
+    val_every: int | None = None  # held-out split by video id; None -> the final tokenizer's train.val_every
+    max_clips: int = 64         # at most this many held-out clips (in clip id order)
+    calibration_clips: int = 512  # budgets: lambda fitted on up to this many clips of training videos
+    budgets: tuple[float, ...] = ()  # mean tokens per clip for the router at a budget; () -> the totals
+                                # of the inner uniform assignments (uniform comparisons at equal tokens)
+    thresholds: tuple[float, ...] = ()  # block-MSE thresholds of the threshold baseline; () -> swept
+                                # around the held-out block MSE of every uniform count
+    batch_size: int = 8
+    grid_clips: int = 4         # clips shown in the reconstruction grid
+    lpips_backbone: str | None = None  # VGG16/AlexNet ImageNet weights file: adds LPIPS
+    lpips_net: str = "vgg"
+    i3d: str | None = None      # TorchScript I3D file: adds rFVD
+    ar: str = ""                # an exported AR model: generation metrics (workflows.generate.generation_metrics)
+    classifier: str = ""        # the feature network for generation metrics
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite in the work dir
     experiment: str = "evatok"
@@ -134,6 +181,8 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -269,6 +318,9 @@ URI_FIELDS = ("work_dir", "ingest.source", "ingest.output", "label.clips", "labe
               "label.lpips_backbone", "train.data", "train.labels", "train.val_data", "train.router",
               "train.tokenizer", "train.lpips_backbone", "train.align_encoder", "train.semantic_disc_encoder",
               "train.output")
+URI_FIELDS += ("tokenize.clips", "tokenize.tokenizer", "tokenize.router", "tokenize.labels", "tokenize.output",
+               "evaluate.clips", "evaluate.tokenizer", "evaluate.router", "evaluate.labels", "evaluate.output",
+               "evaluate.lpips_backbone", "evaluate.i3d", "evaluate.ar", "evaluate.classifier")
 
 
 def absolute_uris(cfg: Config) -> Config:
