@@ -1,0 +1,146 @@
+"""tokenize: codes written per clip decode to the tokenizer's own reconstruction; every mode; error rows;
+the Ray stage (budget mode, markers, resume) on a real local Ray, and ``train ar``'s reading of codes."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from evatok.export import save_model
+from evatok.router import Router, RouterConfig
+from evatok.tokenizer import AdaptiveTokenizer, TokenizerConfig
+from evatok.video import to_tensor
+from test_routing import COUNTS, MICRO_ROUTER, MICRO_TOK
+from train_fixtures import write_clips
+from workflows import storage
+from workflows.clips import frames_from_table
+from workflows.config import load_config
+from workflows.tokenize import CODES_SCHEMA, Encoder, TokenizeError, codes_uri, run_tokenize
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def save(model, uri: str) -> str:
+    buf = io.BytesIO()
+    save_model(model, buf, meta={"note": "random init, tests"})
+    storage.write_bytes_atomic(uri, buf.getvalue())
+    return uri
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    tok = AdaptiveTokenizer(TokenizerConfig(**MICRO_TOK)).eval()
+    router = Router(RouterConfig(**MICRO_ROUTER)).eval()
+    return tok, router, save(tok, str(d / "final.pt")), save(router, str(d / "router.pt"))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Two clips shards of 32x32 synthetic clips (each clip its own video)."""
+    root = tmp_path_factory.mktemp("data")
+    write_clips(str(root / "a"), n=10, size=32, seed=0)
+    write_clips(str(root / "b"), n=6, size=32, seed=1)
+    out = root / "data" / "clips"
+    out.mkdir(parents=True)
+    (out / "shard-00000.parquet").write_bytes((root / "a" / "clips" / "shard-00000.parquet").read_bytes())
+    (out / "shard-00001.parquet").write_bytes((root / "b" / "clips" / "shard-00000.parquet").read_bytes())
+    return str(root / "data")
+
+
+def _video(table):
+    return to_tensor(torch.from_numpy(np.array(frames_from_table(table))))
+
+
+def check_decodes(tok, clips_table: pa.Table, codes: pa.Table):
+    """Every row's codes decode to tokenizer.reconstruct(clip, counts), and equal a solo encode."""
+    by_id = {c: i for i, c in enumerate(clips_table.column("clip_id").to_pylist())}
+    x = _video(clips_table)
+    for row in codes.to_pylist():
+        xi = x[by_id[row["clip_id"]]][None]
+        counts = torch.tensor(row["counts"])[None]
+        assert len(row["codes"]) == row["total_tokens"] == sum(row["counts"])
+        with torch.no_grad():
+            solo, _ = tok.encode(xi, counts)
+            decoded = tok.decode(torch.tensor(row["codes"])[None], counts)
+            recon = tok.reconstruct(xi, counts)
+        assert solo[0].tolist() == row["codes"]
+        assert torch.allclose(decoded, recon, atol=1e-5)
+
+
+def test_encoder_every_mode(models, clips, tmp_path):
+    tok, router, tok_uri, router_uri = models
+    table = storage.read_table(clips + "/clips/shard-00000.parquet")
+    x = _video(table)
+    # router: the router's argmax per clip, codes decode to the reconstruction
+    codes, errors = Encoder(tok_uri, "router", router=router_uri, batch_size=3).encode_table(table)
+    assert codes.schema.remove_metadata() == CODES_SCHEMA and errors.num_rows == 0 and codes.num_rows == 10
+    assert codes.column("assignment").to_pylist() == router.predict(x).tolist()
+    assert codes.column("label").to_pylist() == table.column("label").to_pylist()
+    check_decodes(tok, table, codes)
+    # uniform:4: every block 4 tokens
+    codes, _ = Encoder(tok_uri, "uniform:4").encode_table(table)
+    assert all(c == [4, 4, 4, 4] for c in codes.column("counts").to_pylist())
+    check_decodes(tok, table, codes)
+    # budget: lambda 0 is the router, a high lambda the shortest assignment
+    codes, _ = Encoder(tok_uri, "budget:20", router=router_uri, lam=0.0).encode_table(table)
+    assert codes.column("assignment").to_pylist() == router.predict(x).tolist()
+    codes, _ = Encoder(tok_uri, "budget:20", router=router_uri, lam=5.0).encode_table(table)
+    assert set(codes.column("total_tokens").to_pylist()) == {4}
+    # labels: the given assignments; a clip without one is an error row, not a failure
+    ids = table.column("clip_id").to_pylist()
+    labels = str(tmp_path / "labels")
+    storage.write_parquet(pa.table({"clip_id": ids[1:], "assignment": pa.array([7 * i for i in range(9)], pa.int32())}),
+                          labels + "/shard-00000.parquet")
+    codes, errors = Encoder(tok_uri, "labels", labels=labels).encode_table(table)
+    assert codes.column("clip_id").to_pylist() == ids[1:]
+    assert codes.column("assignment").to_pylist() == [7 * i for i in range(9)]
+    assert errors.column("reason").to_pylist() == ["no_label"] and errors.column("clip_id").to_pylist() == [ids[0]]
+    check_decodes(tok, table, codes)
+    with pytest.raises(TokenizeError, match="lambda"):
+        Encoder(tok_uri, "budget:20", router=router_uri)
+    with pytest.raises(TokenizeError, match="router"):
+        Encoder(tok_uri, "router")
+
+
+def test_wrong_shape_is_an_error_row(models, tmp_path):
+    tok, _, tok_uri, _ = models
+    write_clips(str(tmp_path / "big"), n=2, size=64)
+    table = storage.read_table(str(tmp_path / "big" / "clips"))
+    codes, errors = Encoder(tok_uri, "uniform:2").encode_table(table)
+    assert codes.num_rows == 0 and errors.column("reason").to_pylist() == ["bad_shape"] * 2
+
+
+@pytest.mark.ray
+def test_run_tokenize_budget_on_ray(ray_local, models, clips, tmp_path):
+    """Real Ray actors: budget mode fits lambda on the training videos once (calibration.json), writes
+    codes/ + errors/ + markers + _DONE.json; a rerun does nothing; the codes decode to reconstructions."""
+    tok, router, tok_uri, router_uri = models
+    out = str(tmp_path / "codes")
+    cfg = load_config(None, [f"tokenize.clips={clips}", f"tokenize.tokenizer={tok_uri}", f"tokenize.router={router_uri}",
+                             f"tokenize.output={out}", "tokenize.mode=budget:24", "tokenize.val_every=4",
+                             "tokenize.batch_size=4", "tokenize.num_actors=2"])
+    s = run_tokenize(cfg, quiet=True)
+    assert (s.clips, s.errors, s.shards, s.shards_written) == (16, 0, 2, 2)
+    cal = json.loads(storage.read_bytes(out + "/calibration.json"))
+    assert cal["target"] == 24.0 and cal["lam"] == s.lam and 0 < cal["clips"] < 16  # held-out videos excluded
+    done = storage.read_done(out)
+    assert done["mode"] == "budget:24" and done["calibration"]["lam"] == s.lam
+    assert sorted(storage.list_parquet(codes_uri(out)))[-1].endswith("codes/shard-00001.parquet")
+    codes = storage.read_table(codes_uri(out))
+    assert codes.num_rows == 16 and abs(s.mean_tokens - float(np.mean(codes.column("total_tokens")))) < 1e-9
+    table = storage.read_table(clips + "/clips")
+    check_decodes(tok, table, codes)
+    # the same lambda routes each clip as in the stage
+    from evatok import routing
+
+    lp = routing.router_log_probs(router, _video(table))
+    want = dict(zip(table.column("clip_id").to_pylist(), routing.budget_choice(lp, router.space.totals, s.lam).tolist()))
+    assert all(want[c] == a for c, a in zip(codes.column("clip_id").to_pylist(), codes.column("assignment").to_pylist()))
+    again = run_tokenize(cfg, quiet=True)
+    assert again.shards_written == 0 and again.shards_skipped == 2 and again.lam == s.lam and again.clips == 16
