@@ -26,6 +26,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("evatok.tokenizer", "TokenizerConfig", "AdaptiveTokenizer"),
     "router": ("evatok.router", "RouterConfig", "Router"),
     "ar": ("evatok.ar", "ARConfig", "ARModel"),
+    "classifier": ("evatok.classifier", "ClassifierConfig", "VideoClassifier"),
 }
 
 

@@ -203,7 +203,7 @@ def relabel(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] =
 
 @app.command()
 def train(
-    model: str = typer.Argument(..., help="proxy | router | final | ar"),
+    model: str = typer.Argument(..., help="proxy | router | final | ar | classifier"),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = OverridesArg,
     force: bool = ForceOpt, debug: bool = DebugOpt, verbose: bool = VerboseOpt,
@@ -215,7 +215,59 @@ def train(
     if model not in MODELS:
         console.print(f"[red]config error:[/red] unknown model {model!r}; choose from {', '.join(MODELS)}")
         raise typer.Exit(2)
+    from workflows.run import stage_names
+
+    if model not in stage_names():  # the classifier: not in `evatok run`'s chain, same loop and bookkeeping
+        from workflows.generate import classifier_stage
+        from workflows.run import Runner, resolve
+
+        def go():
+            runner = Runner(resolve(config, overrides or [], target=model), force=force, verbose=verbose, parent=False)
+            return runner.run_stage(classifier_stage())
+        _guarded(go, debug)
+        return
     _stages(config, overrides, [model], force=force, debug=debug, verbose=verbose, parent=False, target=model)
+
+
+@app.command()
+def generate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+             debug: bool = DebugOpt) -> None:
+    """Class-conditional samples of the AR model, decoded by the final tokenizer: mp4 files, an image grid,
+    the tokens each sample used, and the generation metrics (docs/generate.md)."""
+    from workflows.generate import PROTOCOL, run_generate
+
+    cfg = _load(config, overrides)
+    r = _guarded(lambda: run_generate(cfg), debug)
+    table = Table(title=f"generate: {r.well_formed}/{r.samples} well-formed samples -> {r.output}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in r.metrics.items():
+        if not k.startswith(PROTOCOL):
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+    Console(highlight=False).print(f"grid: {r.grid}\ntokens: {r.tokens}\nMLflow run: {r.mlflow_run_id or '-'}",
+                                   soft_wrap=True, markup=False)
+
+
+@app.command()
+def compare(
+    targets: Optional[list[str]] = typer.Argument(
+        None, show_default=False, help="Run ids, experiment names or parent (pipeline) run ids; key=value "
+                                       "overrides too. None: the runs of the recipe's experiment."),
+    config: Optional[Path] = ConfigOpt,
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory/URI for compare.csv and curves.png."),
+    metric: str = typer.Option("psnr", help="Quality metric of the curves (psnr, ssim, mse, lpips)."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Side-by-side key figures of runs from MLflow and their quality-cost curves in one PNG (docs/compare.md)."""
+    from workflows.compare import run_compare
+
+    items = list(targets or [])
+    cfg = _load(config, [t for t in items if "=" in t])
+    r = _guarded(lambda: run_compare(cfg, [t for t in items if "=" not in t], out=out, metric=metric), debug)
+    Console().print(r.table())
+    Console(highlight=False).print(f"curves: {r.png or '-'}\ntable: {r.csv or '-'}\n"
+                                   f"MLflow run: {r.mlflow_run_id or '-'}", soft_wrap=True, markup=False)
 
 
 def _stage_commands() -> list[str]:

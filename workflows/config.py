@@ -82,7 +82,7 @@ class DeepSpeedConfig:
 @dataclass
 class TrainConfig:
     """One model's training run. The same loop runs all four; ``model`` picks the recipe."""
-    model: str = "proxy"        # proxy | router | final | ar
+    model: str = "proxy"        # proxy | router | final | ar | classifier (generation metrics)
     preset: str = "tiny"
     steps: int = 200
     batch_size: int = 8         # global batch (per step, across workers, before accumulation)
@@ -167,6 +167,27 @@ class EvaluateConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """``evatok generate``: class-conditional samples of the AR model and the generation metrics
+    (docs/generate.md). Empty URIs default to the pipeline's places under ``work_dir``."""
+    ar: str = ""                # exported AR model; "" -> work_dir/ar/ar.pt
+    tokenizer: str = ""         # the final tokenizer that decodes the codes; "" -> work_dir/final/final.pt
+    output: str = ""            # "" -> work_dir/generate
+    samples_per_class: int = 4
+    batch_size: int = 16        # samples drawn together (one generator for the run: results depend on it)
+    cfg_scale: float = 2.5      # constant classifier-free guidance ([P]: 2.5 for GPT-B, 1.75 for larger)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    fps: float | None = None    # frame rate of the mp4 files; None -> data.fps (8 when that is None)
+    classifier: str = ""        # feature network (`evatok train classifier`); "" -> work_dir/classifier/classifier.pt if present
+    real: str = ""              # real clips the features are compared with; "" -> train.data, else work_dir/data
+    real_clips: int = 256       # at most this many real clips (the first, in shard order)
+    i3d: str | None = None      # TorchScript I3D file (i3d_torchscript.pt): adds gFVD
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite in the work dir
     experiment: str = "evatok"
@@ -183,6 +204,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -251,7 +273,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 
 #: Models with their own training settings in a top-level section of that name (see ``load_config``).
-MODELS = ("proxy", "router", "final", "ar")
+MODELS = ("proxy", "router", "final", "ar", "classifier")
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -317,7 +339,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 URI_FIELDS = ("work_dir", "ingest.source", "ingest.output", "label.clips", "label.proxy", "label.output",
               "label.lpips_backbone", "train.data", "train.labels", "train.val_data", "train.router",
               "train.tokenizer", "train.lpips_backbone", "train.align_encoder", "train.semantic_disc_encoder",
-              "train.output")
+              "train.output", "generate.ar", "generate.tokenizer", "generate.output", "generate.classifier",
+              "generate.real", "generate.i3d")
 URI_FIELDS += ("tokenize.clips", "tokenize.tokenizer", "tokenize.router", "tokenize.labels", "tokenize.output",
                "evaluate.clips", "evaluate.tokenizer", "evaluate.router", "evaluate.labels", "evaluate.output",
                "evaluate.lpips_backbone", "evaluate.i3d", "evaluate.ar", "evaluate.classifier")

@@ -346,7 +346,7 @@ def _prepare_data(cfg: Config):
         raise ConfigError(f"unknown train.model {t.model!r}; choose from {sorted(RECIPES)}")
     columns = list(recipe_cls.columns)
     classes, targets, rewards = None, None, None
-    if t.model == "ar":
+    if t.model in ("ar", "classifier"):
         labels = storage.read_table(uri, columns=["label"]).column("label")
         classes = sorted({str(x) for x in labels.to_pylist() if x is not None})
     if t.model == "router":
@@ -365,7 +365,7 @@ def _prepare_data(cfg: Config):
             rewards = reward_rows(t.labels)
     ds = D.open_dataset(uri, columns, cache_bytes=t.cache_data_mb * 2**20)
     datasets = {"train": ds}
-    if t.model in ("proxy", "final") and t.val_every > 0:
+    if t.model in ("proxy", "final", "classifier") and t.val_every > 0:
         # [I] held out by video, never by clip (clips of one video look alike): every video whose id hashes
         # into the last 1/val_every. The quality-cost curve is measured on these after training.
         vids = set(storage.read_table(uri, columns=["video_id"]).column("video_id").to_pylist())

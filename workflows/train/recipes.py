@@ -351,13 +351,67 @@ class ARRecipe(Recipe):
                 "upstream.router_run_id": str(self.router.export_meta.get("mlflow_run_id", ""))}
 
 
-RECIPES = {"proxy": ProxyRecipe, "router": RouterRecipe, "final": FinalRecipe, "ar": ARRecipe}
+# ----------------------------------------------------------------------------- classifier
+class ClassifierRecipe(Recipe):
+    """The small video classifier behind the generation metrics (``evatok.classifier``): cross-entropy
+    on the clips' class labels; held-out accuracy (by video) beside the majority-class baseline."""
+    kind = "classifier"
+    columns = ["frames", "shape", "label"]
+
+    def __init__(self, cfg, device, dtype=torch.float32, generator=None, classes: list[str] | None = None):
+        super().__init__(cfg, device, dtype, generator)
+        from evatok import classifier
+
+        if not classes:
+            raise ValueError("the classifier recipe needs class-labeled clips (a non-empty label column)")
+        if self.t.preset not in classifier.PRESETS:
+            raise ValueError(f"classifier preset {self.t.preset!r} unknown; choose from {sorted(classifier.PRESETS)} "
+                             f"(classifier.preset=...)")
+        base = classifier.PRESETS[self.t.preset]()
+        self.clf_cfg = dataclasses.replace(base, num_classes=len(classes), frames=cfg.data.clip_len,
+                                           size=cfg.data.size)
+
+    def build(self):
+        from evatok.classifier import VideoClassifier
+
+        return VideoClassifier(self.clf_cfg)
+
+    def prepare(self, batch):
+        return {"video": self.video(batch), "target": batch["class_id"].to(self.device)}
+
+    def train_loss(self, model, inputs, step, disc=None):
+        logits = model(inputs["video"]).float()
+        loss = nn.functional.cross_entropy(logits, inputs["target"], ignore_index=-1)
+        acc = (logits.argmax(-1) == inputs["target"]).float().mean()
+        return loss, {"ce": float(loss.detach()), "train_acc": float(acc)}, {}
+
+    @torch.no_grad()
+    def eval_loss(self, model, inputs):
+        return float(nn.functional.cross_entropy(model(inputs["video"]).float(), inputs["target"], ignore_index=-1))
+
+    @torch.no_grad()
+    def evaluate(self, model, batches) -> dict:
+        n = hit = 0
+        targets = []
+        for inputs in batches:
+            tgt = inputs["target"]
+            hit += int((model(inputs["video"]).float().argmax(-1) == tgt).sum())
+            n += len(tgt)
+            targets.append(tgt.cpu())
+        if n == 0:
+            return {}
+        freq = torch.bincount(torch.cat(targets).clamp_min(0))
+        return {"val/acc": hit / n, "val/majority_acc": float(freq.max() / n), "val/clips": float(n)}
+
+
+RECIPES = {"proxy": ProxyRecipe, "router": RouterRecipe, "final": FinalRecipe, "ar": ARRecipe,
+           "classifier": ClassifierRecipe}
 
 
 def make_recipe(cfg: Config, device, dtype=torch.float32, generator=None, classes=None) -> Recipe:
     if cfg.train.model not in RECIPES:
         raise ValueError(f"unknown train.model {cfg.train.model!r}; choose from {sorted(RECIPES)}")
     cls = RECIPES[cfg.train.model]
-    if cls is ARRecipe:
+    if cls in (ARRecipe, ClassifierRecipe):
         return cls(cfg, device, dtype, generator, classes=classes)
     return cls(cfg, device, dtype, generator)
