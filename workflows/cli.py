@@ -90,11 +90,16 @@ def _guarded(fn, debug: bool):
 
 def _stages(config: Optional[Path], overrides: Optional[list[str]], names: Optional[list[str]], *, force: bool,
             debug: bool, verbose: bool, parent: bool, target: Optional[str] = None):
-    """Resolve the plan and run stages (all when ``names`` is None) through ``workflows.run.Runner``."""
+    """Resolve the plan and run stages (all when ``names`` is None) through ``workflows.run.Runner``.
+    A recipe's pretrained files (``pretrained:``) are checked first, before any Ray work."""
+    from workflows.config import check_pretrained
     from workflows.run import Runner, resolve
 
     def go():
-        runner = Runner(resolve(config, overrides or [], target=target), force=force, verbose=verbose, parent=parent)
+        plan = resolve(config, overrides or [], target=target)
+        check_pretrained([plan.base, *(c for m, c in plan.models.items() if names is None or m in names)],
+                         recipe=str(config) if config else None)
+        runner = Runner(plan, force=force, verbose=verbose, parent=parent)
         return runner, runner.run(names)
     return _guarded(go, debug)
 

@@ -68,6 +68,9 @@ class LabelConfig:
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor,
                                 # e.g. {evatok_gpu: 0.001} pins label actors to the GPU pool (infra/README.md)
     stats_samples: int = 10_000  # random (clip, assignment) pairs for the normalisation statistics
+    stats: str = ""             # frozen normalisation statistics from another run: its stats.json, or the label
+                                # output prefix that holds one ("" -> computed from this run's scores). Label a
+                                # second dataset (UCF) on the first one's (WebVid's) reward scale
     seed: int = 0
 
 
@@ -92,6 +95,7 @@ class TrainConfig:
     schedule: str = "cosine"    # cosine | wsd
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # the discriminators' AdamW betas (LARP)
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # < 1 on a small box leaves CPUs for Ray Data's read tasks,
                                   # which otherwise wait forever behind the training workers
@@ -115,7 +119,11 @@ class TrainConfig:
     align_encoder: str | None = None   # local `transformers` checkpoint dir (V-JEPA2 / VideoMAE)
     semantic_disc_encoder: str | None = None
     disc_start: int = 0         # step at which the adversarial loss starts; <0 disables the GAN
-    disc_lr: float = 3e-5       # discriminator AdamW lr, betas (0.5, 0.9) (LARP), constant
+    disc_lr: float = 3e-5       # discriminator AdamW lr (LARP), constant after train.warmup_steps
+    codebook_size: int | None = None  # tokenizers: overrides the preset's codebook (8192 for UCF+K600 [P])
+    hflip: bool = False         # augmentation: random horizontal flip of each training clip
+    random_window: bool = False  # augmentation: clips stored longer than data.clip_len give a random
+                                # data.clip_len-frame window per sample (else the centre window)
     output: str = ""            # where the exported model is written
 
 
@@ -206,6 +214,10 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # Dotted keys of the pretrained files this recipe cannot run without (``train.lpips_backbone``, ...):
+    # every command that runs stages refuses to start, before any Ray work, naming each one that is
+    # unset or missing (``check_pretrained``). The paper recipes list theirs.
+    pretrained: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -221,6 +233,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _build(tp, value, where)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return list(value)
     if origin is dict:
         # Ray resource maps ({name: amount}): names are strings, amounts non-negative numbers.
         if not isinstance(value, dict):
@@ -337,7 +353,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 #: Every field that holds a URI (path, file://, s3://, gs://). Relative local paths among them are made
 #: absolute on the driver (``absolute_uris``) before a config travels to Ray workers.
 URI_FIELDS = ("work_dir", "ingest.source", "ingest.output", "label.clips", "label.proxy", "label.output",
-              "label.lpips_backbone", "train.data", "train.labels", "train.val_data", "train.router",
+              "label.lpips_backbone", "label.stats", "train.data", "train.labels", "train.val_data", "train.router",
               "train.tokenizer", "train.lpips_backbone", "train.align_encoder", "train.semantic_disc_encoder",
               "train.output", "generate.ar", "generate.tokenizer", "generate.output", "generate.classifier",
               "generate.real", "generate.i3d")
@@ -369,6 +385,52 @@ def absolute_uris(cfg: Config) -> Config:
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         out.mlflow.tracking_uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     return out
+
+
+class MissingPretrainedError(ConfigError):
+    """A recipe's pretrained files (``Config.pretrained``) are unset or missing; names every one."""
+
+
+#: Pretrained entries that are ``transformers`` checkpoint directories: present when their config.json is.
+CHECKPOINT_DIRS = ("align_encoder", "semantic_disc_encoder")
+
+
+def check_pretrained(cfgs: Config | list[Config], recipe: str | None = None) -> None:
+    """Every file named by ``Config.pretrained`` of each config exists (through ``workflows.storage``:
+    local paths, ``s3://``, ``gs://``); else one ``MissingPretrainedError`` listing each missing one.
+    Call it before any Ray work. Several configs: the same recipe resolved per model (``evatok run``)."""
+    from workflows import storage
+
+    missing: dict[str, str] = {}
+    for cfg in cfgs if isinstance(cfgs, list) else [cfgs]:
+        for dotted in cfg.pretrained:
+            section, _, key = dotted.rpartition(".")
+            node = cfg
+            try:
+                for part in filter(None, section.split(".")):
+                    node = getattr(node, part)
+                value = getattr(node, key)
+            except AttributeError:
+                raise ConfigError(f"pretrained: {dotted!r} is not a key of the config tree") from None
+            if dotted in missing:
+                continue
+            if not value:
+                missing[dotted] = f"{dotted}: not set"
+                continue
+            probe = storage.join(value, "config.json") if key in CHECKPOINT_DIRS else value
+            try:
+                ok = storage.exists(probe)
+            except storage.StorageError as e:
+                missing[dotted] = f"{dotted}={storage.redact(value)}: cannot be checked ({e})"
+                continue
+            if not ok:
+                what = "no config.json (a transformers save_pretrained dir)" if key in CHECKPOINT_DIRS else "not found"
+                missing[dotted] = f"{dotted}={storage.redact(value)}: {what}"
+    if missing:
+        where = f"the recipe {recipe}" if recipe else "this recipe"
+        raise MissingPretrainedError(
+            f"{where} needs {len(missing)} pretrained file(s) that are missing: " + "; ".join(missing.values())
+            + ". Upload them and set the keys (nothing is downloaded), or run the recipe's -nopretrained variant")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -34,7 +34,14 @@ forever, which lets one poison unit hold the stage); then the stage fails with R
 
 Statistics [I]: ``stats_samples`` uniformly random (clip, assignment) pairs over ALL scored clips
 (``evatok.assignment.estimate_stats``, seed ``label.seed``), per metric; written once, after the last
-score shard, and reused by every relabel so labels for any weights share one normalisation.
+score shard, and reused by every relabel so labels for any weights share one normalisation. With
+``label.stats=URI`` (another run's ``stats.json``, or its label output prefix) they are that run's,
+frozen: a second dataset (UCF) is then labeled on the first one's (WebVid's) reward scale. ``stats.json``
+records its ``source`` (the URI and SHA-256 of the frozen file, or ``computed``), and so does every
+labels/ ``_DONE.json`` (``stats_source``).
+
+Labels are named by the metric actually used: ``label.metric=lpips`` over scores whose only LPIPS column
+is ``lpips_random_backbone`` (an uncalibrated backbone) writes ``labels/lpips_random_backbone-...``.
 """
 from __future__ import annotations
 
@@ -112,9 +119,41 @@ def clips_prefix(uri: str) -> str:
     return sub if storage.list_parquet(sub) else storage.canonical(uri)
 
 
-def labels_uri(lc) -> str:
-    """Where the labels for ``lc.metric`` / ``lc.w_q`` / ``lc.w_l`` live (training reads this)."""
-    return storage.join(lc.output, "labels", f"{lc.metric}-wq{lc.w_q:g}-wl{lc.w_l:g}")
+def labels_uri(lc, metric: str | None = None) -> str:
+    """Where the labels for ``metric`` / ``lc.w_q`` / ``lc.w_l`` live (training reads this). ``metric``:
+    the one actually used; by default ``lc.metric``, or ``lpips_random_backbone`` when ``lc.metric`` is
+    ``lpips`` and the run's ``stats.json`` only has that."""
+    if metric is None:
+        metric = lc.metric
+        if metric == "lpips" and lc.output:
+            try:
+                have = json.loads(storage.read_bytes(storage.join(lc.output, "stats.json")))["metrics"]
+            except (storage.StorageError, ValueError, KeyError, TypeError):
+                have = {}
+            metric = _metric_name(lc, sorted(have)) if have and metric not in have else metric
+    return storage.join(lc.output, "labels", f"{metric}-wq{lc.w_q:g}-wl{lc.w_l:g}")
+
+
+def read_stats(uri: str) -> dict:
+    """Reward normalisation statistics from another run (``label.stats``): its ``stats.json``, or the
+    label output prefix that holds one; ``source`` records which file (URI, SHA-256)."""
+    import hashlib
+
+    path = uri if uri.endswith(".json") else storage.join(uri, "stats.json")
+    try:
+        raw = storage.read_bytes(path)
+    except storage.StorageNotFound:
+        raise LabelError(f"label.stats={storage.redact(uri)}: no statistics at {storage.redact(path)}") from None
+    stats = json.loads(raw)
+    if not isinstance(stats, dict) or "metrics" not in stats or "counts" not in stats:
+        raise LabelError(f"label.stats={storage.redact(uri)}: {storage.redact(path)} is not a label run's stats.json")
+    stats["source"] = {"uri": storage.redact(storage.canonical(path)), "sha256": hashlib.sha256(raw).hexdigest()}
+    return stats
+
+
+def stats_source(stats: dict) -> str:
+    src = stats.get("source")
+    return f"{src['uri']} (sha256 {src['sha256'][:12]})" if isinstance(src, dict) else "computed from this run's scores"
 
 
 def scores_to_arrays(table: pa.Table) -> dict[str, np.ndarray]:
@@ -448,8 +487,13 @@ def run_relabel(cfg, quiet: bool = False) -> RelabelSummary:
     if not storage.exists(stats_uri):
         raise LabelError(f"no stats.json under {storage.redact(out)}: run `label` first (scores are incomplete)")
     stats = json.loads(storage.read_bytes(stats_uri))
+    if lc.stats:
+        frozen = read_stats(lc.stats)
+        if frozen["metrics"] != stats["metrics"] or list(frozen["counts"]) != list(stats["counts"]):
+            raise LabelError(f"label.stats={storage.redact(lc.stats)}: the labels under {storage.redact(out)} are on "
+                             f"other statistics ({stats_source(stats)}); label into a fresh label.output")
     metric = _metric_name(lc, sorted(stats["metrics"]))
-    dest = labels_uri(lc)
+    dest = labels_uri(lc, metric)  # named by the metric actually used
     prev = storage.read_done(dest)
     if prev is not None:
         return RelabelSummary(dest, prev["clips"], False, metric, lc.w_q, lc.w_l, prev["mean_tokens"])
@@ -461,12 +505,27 @@ def run_relabel(cfg, quiet: bool = False) -> RelabelSummary:
         n += labels.num_rows
         tokens += float(np.sum(labels.column("total_tokens").to_numpy()))
     info = {"clips": n, "metric": metric, "w_q": lc.w_q, "w_l": lc.w_l, "stats": stats["metrics"][metric],
+            "stats_source": stats_source(stats),
             "counts": stats["counts"], "scores": storage.join(out, "scores"), "mean_tokens": tokens / max(n, 1)}
     storage.mark_done(dest, info)
     if not quiet:
         print(f"[relabel] {n} clips, {metric} w_q={lc.w_q:g} w_l={lc.w_l:g}: mean {info['mean_tokens']:.1f} "
-              f"tokens/clip -> {storage.redact(dest)}", flush=True)
+              f"tokens/clip, statistics {info['stats_source']} -> {storage.redact(dest)}", flush=True)
     return RelabelSummary(dest, n, True, metric, lc.w_q, lc.w_l, info["mean_tokens"])
+
+
+def write_stats(out: str, lc, counts) -> dict:
+    """Write the run's ``stats.json`` once its scores are complete: computed from its scores, or with
+    ``lc.stats`` another run's frozen statistics (this run's rewards then on that run's scale)."""
+    if lc.stats:
+        stats = read_stats(lc.stats)
+        if tuple(stats["counts"]) != tuple(counts):
+            raise LabelError(f"label.stats={storage.redact(lc.stats)} is for token counts {stats['counts']}, "
+                             f"this proxy's are {list(counts)}")
+    else:
+        stats = compute_stats(out, lc.stats_samples, lc.seed, counts)
+    storage.write_bytes_atomic(storage.join(out, "stats.json"), json.dumps(stats, sort_keys=True).encode())
+    return stats
 
 
 # ----------------------------------------------------------------------------- driver
@@ -567,13 +626,11 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
                 summary.shards_written += 1
                 progress.line(f"shard {i}: {info['clips']} clips in {info['units']} units published")
     summary.clips = sum(x["clips"] for x in infos)
-    stats_uri = storage.join(out, "stats.json")
-    if not storage.exists(stats_uri):
+    if not storage.exists(storage.join(out, "stats.json")):
         counts = {tuple(x["counts"]) for x in infos if x["clips"]}
         if len(counts) != 1:
             raise LabelError(f"score shards disagree on the proxy's token counts: {sorted(counts)}")
-        stats = compute_stats(out, lc.stats_samples, lc.seed, counts.pop())
-        storage.write_bytes_atomic(stats_uri, json.dumps(stats, sort_keys=True).encode())
+        write_stats(out, lc, counts.pop())
     rel = run_relabel(cfg, quiet=quiet)
     summary.labels, summary.metric, summary.w_q, summary.w_l = rel.labels, rel.metric, rel.w_q, rel.w_l
     summary.seconds = time.perf_counter() - t0

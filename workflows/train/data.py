@@ -66,15 +66,44 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(frames, copy=True)).permute(0, 4, 1, 2, 3).float().div_(255.0).sub_(0.5)
 
 
-class Collate:
-    """numpy batch from Ray Data -> dict of tensors. Picklable (it travels to the workers)."""
+def temporal_window(frames: np.ndarray, clip_len: int | None, rng: np.random.Generator | None) -> np.ndarray:
+    """uint8 [B, T, H, W, 3] -> [B, clip_len, ...]: a random window per clip (``rng``), else the centre one.
+    Clips stored with exactly ``clip_len`` frames (or ``clip_len`` None) come back as they are."""
+    t = frames.shape[1]
+    if clip_len is None or t == clip_len:
+        return frames
+    if t < clip_len:
+        raise DataError(f"clips hold {t} frames, fewer than data.clip_len={clip_len}")
+    if rng is None:
+        s = (t - clip_len) // 2
+        return frames[:, s:s + clip_len]
+    starts = rng.integers(0, t - clip_len + 1, size=frames.shape[0])
+    return np.stack([f[s:s + clip_len] for f, s in zip(frames, starts)])
 
-    def __init__(self, classes: list[str] | None = None, targets: dict[str, int] | None = None):
+
+class Collate:
+    """numpy batch from Ray Data -> dict of tensors. Picklable (it travels to the workers).
+
+    Augmentation (training batches only; held-out batches get neither): ``random_window`` takes a random
+    ``clip_len``-frame window of clips stored longer (an ingest with a larger ``data.clip_len``; without
+    it such clips give their centre window), ``hflip`` mirrors each clip with probability 1/2. ``seed``:
+    the augmentation's own generator (per rank)."""
+
+    def __init__(self, classes: list[str] | None = None, targets: dict[str, int] | None = None,
+                 clip_len: int | None = None, hflip: bool = False, random_window: bool = False, seed: int = 0):
         self.class_index = {c: i for i, c in enumerate(classes or [])}
         self.targets = targets
+        self.clip_len, self.hflip, self.random_window = clip_len, hflip, random_window
+        self.rng = np.random.default_rng(seed) if (hflip or random_window) else None
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = {"video": to_video(frames_from_batch(batch))}
+        frames = temporal_window(frames_from_batch(batch), self.clip_len, self.rng if self.random_window else None)
+        if self.hflip:
+            flip = self.rng.random(frames.shape[0]) < 0.5
+            if flip.any():
+                frames = frames.copy()
+                frames[flip] = frames[flip][:, :, :, ::-1]
+        out = {"video": to_video(frames)}
         if self.class_index and "label" in batch:
             out["class_id"] = torch.tensor([self.class_index.get(str(x), -1) for x in batch["label"]], dtype=torch.long)
         if "reward" in batch:  # router validation: the 625 rewards of each clip

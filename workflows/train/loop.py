@@ -157,7 +157,7 @@ def train_worker(config: dict) -> dict:
 
     engine = _engine(recipe.build(), t, world, t.lr, t.betas, t.steps, t.schedule, t.min_lr)
     disc = recipe.build_disc()
-    d_engine = _engine(disc, t, world, t.disc_lr, (0.5, 0.9), t.steps, "constant", t.disc_lr) if disc is not None else None
+    d_engine = _engine(disc, t, world, t.disc_lr, t.disc_betas, t.steps, "constant", t.disc_lr) if disc is not None else None
 
     state = ckpt.LoopState()
     resumed = ray.train.get_checkpoint()
@@ -179,7 +179,8 @@ def train_worker(config: dict) -> dict:
     micro = micro_batch_size(t, world)
     shard = ray.train.get_dataset_shard("train")
     data = micro_batches(shard, micro, config["per_epoch"], state.epoch, state.micro_in_epoch, t.seed,
-                         Collate(config["classes"], config["targets"]))
+                         Collate(config["classes"], config["targets"], cfg.data.clip_len, hflip=t.hflip,
+                                 random_window=t.random_window, seed=t.seed * 1000 + rank))
     ga = t.deepspeed.grad_accum
 
     # A fixed batch (the first one this rank sees, fixed assignments) to show the loss falls.
@@ -247,7 +248,7 @@ def train_worker(config: dict) -> dict:
         inputs = fixed
     metrics["fixed_loss_end"] = recipe.eval_loss(engine, inputs)
     if "val" in config["datasets"]:
-        val_collate = Collate(config["classes"], config["targets"])
+        val_collate = Collate(config["classes"], config["targets"], cfg.data.clip_len)  # centre window, no flip
         val = ray.train.get_dataset_shard("val")
         batches = (recipe.prepare(b) for b in val.iter_torch_batches(batch_size=micro, collate_fn=val_collate))
         metrics.update(recipe.evaluate(engine, batches))
@@ -332,10 +333,27 @@ def _upstream_tags(cfg: Config, parent_run_id: str | None = None) -> dict[str, s
     return tags
 
 
-def _prepare_data(cfg: Config):
-    """Datasets for the trainer plus what every worker must agree on."""
+def val_rewards(labels: str, table, held: set[str]):
+    """``clip_id -> float32[625]`` rewards of the held-out clips ``held`` only (None when the labels have
+    none): what the router's validation measures its reward percentile against. Every labeled clip's
+    rewards would be ~250 MB at 100k clips, shipped with the validation's map function."""
+    import numpy as np
     import pyarrow as pa
 
+    if "reward" in table.column_names and pa.types.is_list(table.schema.field("reward").type):
+        ids = [str(c) for c in table.column("clip_id").to_pylist()]
+        keep = [i for i, c in enumerate(ids) if c in held]
+        col = table.column("reward").take(pa.array(keep, pa.int64())).to_pylist()
+        return {ids[i]: np.asarray(r, np.float32) for i, r in zip(keep, col)}
+    if (storage.read_done(labels) or {}).get("scores"):  # a label-stage output: rewards from scores/
+        from workflows.label import reward_rows
+
+        return reward_rows(labels, clip_ids=held)
+    return None
+
+
+def _prepare_data(cfg: Config):
+    """Datasets for the trainer plus what every worker must agree on."""
     from workflows.train import data as D
     from workflows.train.recipes import RECIPES
 
@@ -345,7 +363,7 @@ def _prepare_data(cfg: Config):
     if recipe_cls is None:
         raise ConfigError(f"unknown train.model {t.model!r}; choose from {sorted(RECIPES)}")
     columns = list(recipe_cls.columns)
-    classes, targets, rewards = None, None, None
+    classes, targets, lt = None, None, None
     if t.model in ("ar", "classifier"):
         labels = storage.read_table(uri, columns=["label"]).column("label")
         classes = sorted({str(x) for x in labels.to_pylist() if x is not None})
@@ -357,12 +375,6 @@ def _prepare_data(cfg: Config):
             raise ConfigError(f"labels at {storage.redact(t.labels)} need columns clip_id and assignment; "
                               f"found {lt.column_names}")
         targets = dict(zip(lt.column("clip_id").to_pylist(), (int(a) for a in lt.column("assignment").to_pylist())))
-        if "reward" in lt.column_names and pa.types.is_list(lt.schema.field("reward").type):
-            rewards = dict(zip(lt.column("clip_id").to_pylist(), lt.column("reward").to_pylist()))
-        elif (storage.read_done(t.labels) or {}).get("scores"):  # a label-stage output: rewards from scores/
-            from workflows.label import reward_rows
-
-            rewards = reward_rows(t.labels)
     ds = D.open_dataset(uri, columns, cache_bytes=t.cache_data_mb * 2**20)
     datasets = {"train": ds}
     if t.model in ("proxy", "final", "classifier") and t.val_every > 0:
@@ -377,11 +389,14 @@ def _prepare_data(cfg: Config):
     if t.model == "router":
         ds = ds.filter(lambda r, _k=set(targets): r["clip_id"] in _k)
         if t.val_data:
-            val = D.open_dataset(D.parquet_prefix(t.val_data), columns)
+            val_uri = D.parquet_prefix(t.val_data)
+            val = D.open_dataset(val_uri, columns)
+            held = {str(c) for c in storage.read_table(val_uri, columns=["clip_id"]).column("clip_id").to_pylist()}
         else:  # [I] deterministic held-out split: every clip whose id hashes into the last 1/val_every
             held = D.held_out(targets, t.val_every)
             val = ds.filter(lambda r, _h=held: r["clip_id"] in _h)
             ds = ds.filter(lambda r, _h=held: r["clip_id"] not in _h)
+        rewards = val_rewards(t.labels, lt, held)  # the held-out clips' only: they travel with the map function
         if rewards is not None:
             def add_reward(b, _r=rewards):
                 import numpy as np

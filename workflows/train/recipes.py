@@ -40,6 +40,36 @@ def load_frozen(uri: str, what: str, device) -> nn.Module:
     return model.eval()
 
 
+def local_pretrained(uri: str | None, directory: bool = False) -> str | None:
+    """A local path for a pretrained file or ``transformers`` checkpoint directory named by a URI: a local
+    URI as it is, a remote one (``s3://``, ``gs://``) copied once per machine into a cache keyed by the
+    URI and its listing (``$EVATOK_WEIGHTS_CACHE``, default ``~/.cache/evatok/weights``). The loaders
+    (LPIPS, ``evatok.semantic``) read local files only, and say which file is missing."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    if not uri:
+        return uri
+    local = storage.local_path(uri)
+    if local is not None:
+        return str(local)
+    files = storage.list_files(uri) if directory else [(uri, *storage.info(uri))]
+    key = hashlib.sha256(repr((storage.canonical(uri), files)).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("EVATOK_WEIGHTS_CACHE", Path.home() / ".cache" / "evatok" / "weights")) / key
+    base = storage.canonical(uri).rstrip("/")
+    dest = root / (Path(base).name if not directory else "")
+    if not (root / "_COMPLETE").exists():
+        for f, _, _ in files:
+            target = root / f[len(base):].lstrip("/") if directory else dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".{os.getpid()}.part")
+            tmp.write_bytes(storage.read_bytes(f))
+            os.replace(tmp, target)
+        (root / "_COMPLETE").write_text(storage.redact(uri))
+    return str(root if directory else dest)
+
+
 def grid_image(x: torch.Tensor, y: torch.Tensor, n: int = 4) -> np.ndarray:
     """Rows: clips; columns: one frame per block of the input, then of the reconstruction. uint8 HxWx3."""
     x, y = x[:n].float().detach().cpu(), y[:n].float().detach().cpu()
@@ -111,12 +141,14 @@ class TokenizerRecipe(Recipe):
         from evatok import losses, tokenizer
 
         base = tokenizer.PRESETS[self.t.preset]()
-        self.tok_cfg = dataclasses.replace(base, frames=cfg.data.clip_len, size=cfg.data.size)
+        self.tok_cfg = dataclasses.replace(base, frames=cfg.data.clip_len, size=cfg.data.size,
+                                           codebook_size=self.t.codebook_size or base.codebook_size)
         self.space = AssignmentSpace(self.tok_cfg.counts, self.tok_cfg.num_blocks)
         self.loss_cfg = losses.LossConfig(
             disc_start=self.t.disc_start, disc="paper" if self.t.preset.startswith("paper") else "tiny",
-            lpips_backbone=self.t.lpips_backbone, align_encoder=self.t.align_encoder,
-            semantic_disc_encoder=self.t.semantic_disc_encoder)
+            lpips_backbone=local_pretrained(self.t.lpips_backbone),
+            align_encoder=local_pretrained(self.t.align_encoder, directory=True),
+            semantic_disc_encoder=local_pretrained(self.t.semantic_disc_encoder, directory=True))
         self.has_disc = self.loss_cfg.disc_start >= 0
         self.lpips = losses.build_lpips(self.loss_cfg)
         if self.lpips is not None:
