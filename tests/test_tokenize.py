@@ -144,3 +144,56 @@ def test_run_tokenize_budget_on_ray(ray_local, models, clips, tmp_path):
     assert all(want[c] == a for c, a in zip(codes.column("clip_id").to_pylist(), codes.column("assignment").to_pylist()))
     again = run_tokenize(cfg, quiet=True)
     assert again.shards_written == 0 and again.shards_skipped == 2 and again.lam == s.lam and again.clips == 16
+
+
+def _numpy_batch(table: pa.Table, columns) -> dict:
+    return {k: np.asarray(table.column(k).to_pylist(), dtype=object) for k in columns}
+
+
+def test_ar_recipe_reads_codes_as_it_would_encode_clips(models, clips):
+    """The AR recipe's inputs from a codes dataset (router mode) equal what it computes from the clips with
+    the same router and tokenizer; with codes it needs no router at all."""
+    from workflows.tokenize import CODE_COLUMNS
+    from workflows.train.data import Collate
+    from workflows.train.recipes import make_recipe
+
+    tok, router, tok_uri, router_uri = models
+    table = storage.read_table(clips + "/clips/shard-00000.parquet")
+    codes, _ = Encoder(tok_uri, "router", router=router_uri).encode_table(table)
+    classes = sorted(set(table.column("label").to_pylist()))
+    clip_batch = _numpy_batch(table, ["clip_id", "frames", "label"])
+    clip_batch["shape"] = np.asarray(table.column("shape").to_pylist())
+    collate = Collate(classes)
+    cfg = load_config(None, ["train.model=ar", f"train.tokenizer={tok_uri}", f"train.router={router_uri}"])
+    recipe = make_recipe(cfg, torch.device("cpu"), classes=classes)
+    a = recipe.prepare(collate(clip_batch))
+    b = recipe.prepare(collate(_numpy_batch(codes, CODE_COLUMNS)))
+    assert torch.equal(a["counts"], b["counts"]) and torch.equal(a["labels"], b["labels"])
+    assert a["codes"].shape == b["codes"].shape and torch.equal(a["codes"], b["codes"])
+    net = recipe.build()
+    loss, logs, _ = recipe.train_loss(net, b, 0)
+    assert torch.isfinite(loss)
+    no_router = make_recipe(load_config(None, ["train.model=ar", f"train.tokenizer={tok_uri}"]), torch.device("cpu"),
+                            classes=classes)
+    assert torch.equal(no_router.prepare(collate(_numpy_batch(codes, CODE_COLUMNS)))["codes"], b["codes"])
+    assert "upstream.router_run_id" not in no_router.upstream()
+    with pytest.raises(ValueError, match="router"):
+        no_router.prepare(collate(clip_batch))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_ar_on_codes_with_ray_train(ray_local, models, clips, tmp_path):
+    """``train ar`` with train.data = a tokenize output's codes/: Ray Train + DeepSpeed reads the codes."""
+    from workflows.train import run_training
+
+    tok, router, tok_uri, router_uri = models
+    out = str(tmp_path / "codes")
+    run_tokenize(load_config(None, [f"tokenize.clips={clips}", f"tokenize.tokenizer={tok_uri}",
+                                    f"tokenize.router={router_uri}", f"tokenize.output={out}", "tokenize.num_actors=1"]),
+                 quiet=True)
+    res = run_training(load_config(None, [
+        f"work_dir={tmp_path / 'runs'}", "name=t", "train.model=ar", "train.steps=3", f"train.data={codes_uri(out)}",
+        f"train.tokenizer={tok_uri}", f"train.router={router_uri}", "train.batch_size=4", "train.cpus_per_worker=0.5",
+        "train.checkpoint_every=100", "data.size=32"]))
+    assert res.steps == 3 and res.metrics["fixed_loss_end"] < res.metrics["fixed_loss_start"]

@@ -48,12 +48,45 @@ def held_out(ids, every: int) -> set[str]:
     return {i for i in set(map(str, ids)) if every > 0 and zlib.crc32(i.encode()) % every == 0}
 
 
+def is_codes(uri: str) -> bool:
+    """Is the Parquet data at ``uri`` a codes dataset (``evatok tokenize``: a ``codes`` column)?"""
+    import pyarrow.parquet as pq
+
+    files = storage.list_parquet(uri)
+    if not files:
+        return False
+    with storage.open_read(files[0]) as f:
+        return "codes" in pq.read_schema(f).names
+
+
+def dataset_columns(uri: str, columns: list[str] | None) -> list[str] | None:
+    """The columns to read: a recipe asks for clip columns (``frames``); a codes dataset is read with
+    its own (``workflows.tokenize.CODE_COLUMNS``: the AR recipe trains on them as they are)."""
+    if columns and "frames" in columns and is_codes(uri):
+        from workflows.tokenize import CODE_COLUMNS
+
+        return list(CODE_COLUMNS)
+    return columns
+
+
+def codes_batch(batch: dict, class_index: dict[str, int]) -> dict[str, torch.Tensor]:
+    """A numpy batch of a codes dataset -> ``codes`` LongTensor [B, Lmax] (right-padded with 0),
+    ``counts`` [B, 4] and ``class_id`` [B] (-1: unknown class)."""
+    codes = [torch.as_tensor(np.asarray(c, dtype=np.int64)) for c in batch["codes"]]
+    out = {"codes": torch.nn.utils.rnn.pad_sequence(codes, batch_first=True),
+           "counts": torch.as_tensor(np.stack([np.asarray(c, dtype=np.int64) for c in batch["counts"]]))}
+    if class_index and "label" in batch:
+        out["class_id"] = torch.tensor([class_index.get(str(x), -1) for x in batch["label"]], dtype=torch.long)
+    return out
+
+
 def open_dataset(uri: str, columns: list[str] | None = None, cache_bytes: int = 0):
     """The clips at ``uri`` as a Ray Dataset. A dataset whose files total at most ``cache_bytes`` is
     materialised once in the object store: every epoch would otherwise start a new streaming read,
     a cost that dominates when an epoch is only a few steps."""
     import ray.data
 
+    columns = dataset_columns(uri, columns)
     fs, path = storage.to_pyarrow(uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
     if cache_bytes and sum(size for _, size, _ in storage.list_files(uri, (".parquet",))) <= cache_bytes:
@@ -97,6 +130,8 @@ class Collate:
         self.rng = np.random.default_rng(seed) if (hflip or random_window) else None
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "codes" in batch:  # a codes dataset: no frames
+            return codes_batch(batch, self.class_index)
         frames = temporal_window(frames_from_batch(batch), self.clip_len, self.rng if self.random_window else None)
         if self.hflip:
             flip = self.rng.random(frames.shape[0]) < 0.5

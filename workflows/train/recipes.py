@@ -8,8 +8,9 @@ checkpoints and logging.
   drawn from the recipe's own generator (checkpointed per rank).
 - ``router``: 625-way cross-entropy on curated labels; top-1/top-5 and reward percentile on held out clips.
 - ``final``: the tokenizer trained from scratch on the assignments of a frozen router.
-- ``ar``: sequences built from the frozen final tokenizer's codes under the frozen router's assignments
-  (codes computed on the fly: [I] no separate "encode" stage), class dropout for guidance.
+- ``ar``: sequences built from the final tokenizer's codes: read from a codes dataset (``evatok tokenize``,
+  ``train.data`` = its ``codes/``), or, given clips, computed at every step under the frozen router's
+  assignments (the path without a tokenize stage); class dropout for guidance.
 
 Tokenizer recipes train ``TokenizerModule`` (tokenizer + the optional alignment projector) with
 ``TokenizerLoss``; the discriminators (PatchGAN + optional semantic heads) and the LeCam EMAs live in
@@ -327,8 +328,8 @@ class ARRecipe(Recipe):
         super().__init__(cfg, device, dtype, generator)
         from evatok import ar
 
-        self.tokenizer = load_frozen(self.t.tokenizer, "tokenizer", device)
-        self.router = load_frozen(self.t.router, "router", device)
+        self.tokenizer = load_frozen(self.t.tokenizer, "tokenizer", device)  # decodes the sample images
+        self._router = None  # loaded on first use: a codes dataset needs no router
         tc = self.tokenizer.config
         base = ar.PRESETS[self.t.preset]()
         self.ar_cfg = dataclasses.replace(base, codebook_size=tc.codebook_size, counts=tuple(tc.counts),
@@ -340,15 +341,22 @@ class ARRecipe(Recipe):
 
         return ARModel(self.ar_cfg)
 
+    @property
+    def router(self) -> nn.Module:
+        if self._router is None:
+            self._router = load_frozen(self.t.router, "router", self.device)
+        return self._router
+
     @torch.no_grad()
     def prepare(self, batch):
-        video = batch["video"].to(self.device)
+        labels = batch.get("class_id")
+        labels = None if labels is None else labels.cpu()
+        if "codes" in batch:  # a codes dataset (evatok tokenize): the codes as written, no model runs
+            return {"codes": batch["codes"], "counts": batch["counts"], "labels": labels}
+        video = batch["video"].to(self.device)  # clips: route and encode every clip at every step
         counts = self.router.counts(self.router.predict(video))
         codes, _ = self.tokenizer.encode(video, counts)
-        labels = batch.get("class_id")
-        from evatok.ar import SequenceLayout  # noqa: F401  (layout lives on the model)
-
-        return {"codes": codes.cpu(), "counts": counts.cpu(), "labels": None if labels is None else labels.cpu()}
+        return {"codes": codes.cpu(), "counts": counts.cpu(), "labels": labels}
 
     def _sequences(self, model, inputs, dropout: bool):
         mod = model.module if hasattr(model, "module") else model
@@ -379,8 +387,10 @@ class ARRecipe(Recipe):
         return grid_image(video, video)
 
     def upstream(self):
-        return {"upstream.tokenizer_run_id": str(self.tokenizer.export_meta.get("mlflow_run_id", "")),
-                "upstream.router_run_id": str(self.router.export_meta.get("mlflow_run_id", ""))}
+        tags = {"upstream.tokenizer_run_id": str(self.tokenizer.export_meta.get("mlflow_run_id", ""))}
+        if self.t.router:
+            tags["upstream.router_run_id"] = str(self.router.export_meta.get("mlflow_run_id", ""))
+        return tags
 
 
 # ----------------------------------------------------------------------------- classifier
