@@ -138,6 +138,16 @@ def test_ar_steps_count_epochs_over_videos():
         assert t.steps == math.ceil(3000 * 9537 / 128) and t.batch_size == 128 and t.schedule == "wsd"
 
 
+def test_ar_recipes_sample_with_the_papers_guidance():
+    """[P] constant CFG: 2.5 for GPT-B, 1.75 for the larger GPTs; gFVD on 10k UCF samples."""
+    big, b = (load_config(CONFIGS / f"paper-{n}.yaml") for n in ("ar", "ar-gptb"))
+    assert (big.train.preset, big.generate.cfg_scale) == ("GPT-633M", 1.75)
+    assert (b.train.preset, b.generate.cfg_scale) == ("GPT-B", 2.5)
+    for c in (big, b):
+        assert c.generate.ar == c.train.output and c.generate.tokenizer == c.train.tokenizer
+        assert 101 * c.generate.samples_per_class >= 10_000
+
+
 @pytest.mark.parametrize("name", ["proxy", "final", "final-ucf-k600", "router", "ar", "ar-gptb"])
 def test_paper_recipes_warm_up_and_set_betas(name):
     t = load_config(CONFIGS / f"paper-{name}.yaml").train
