@@ -173,3 +173,155 @@ def test_credentials_in_a_uri_are_refused_without_echoing_them():
             st.split_uri(uri)
         assert "pa55w0rd" not in str(ei.value)
     assert st.split_uri("s3://bucket/user@example.com/v.mp4") == ("s3", "bucket/user@example.com/v.mp4")
+
+
+# ----------------------------------------------------------------------------- transient errors (issue 14)
+class FaultyS3Proxy:
+    """A loopback HTTP proxy in front of the moto server. It answers a seeded ``fraction`` of requests
+    itself with a 503 ``SlowDown`` or a 500 ``InternalError`` (the request never reaches moto), every
+    request whose path holds one of ``forbidden`` with a 403 ``AccessDenied``, and every GET whose
+    path holds one of ``down`` with a 503; the rest is forwarded unchanged."""
+
+    def __init__(self, upstream: str, fraction: float, seed: int = 0):
+        import http.client
+        import http.server
+        import random
+        import threading
+        from urllib.parse import urlparse
+
+        self.fraction, self.rng, self.lock = fraction, random.Random(seed), threading.Lock()
+        self.forbidden: set[str] = set()
+        self.down: set[str] = set()
+        self.faults = self.requests = 0
+        self.burst = 0  # fail this many next requests, whatever the roll
+        up = urlparse(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _reply(self, status: int, code: str, body: bool = True) -> None:
+                data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f'<Message>injected by the test proxy</Message></Error>').encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                with proxy.lock:
+                    proxy.requests += 1
+                    roll = proxy.rng.random()
+                    if proxy.burst > 0:
+                        proxy.burst, roll = proxy.burst - 1, 0.0
+                if any(k in self.path for k in proxy.forbidden):
+                    return self._reply(403, "AccessDenied")
+                if self.command == "GET" and any(k in self.path for k in proxy.down):
+                    with proxy.lock:
+                        proxy.faults += 1
+                    return self._reply(503, "SlowDown")
+                if roll < proxy.fraction:
+                    with proxy.lock:
+                        proxy.faults += 1
+                    return self._reply(*((503, "SlowDown") if roll < proxy.fraction / 2 else (500, "InternalError")))
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                # HEAD: the object's length, as the server said it (no body follows)
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_s3(s3_server, monkeypatch):
+    proxy = FaultyS3Proxy(s3_server, fraction=0.0, seed=14)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # s3fs, Arrow and the decode child all go through it
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.slow  # ~25 s: botocore's own backoff (standard mode) between the retried requests
+@pytest.mark.s3
+def test_transient_s3_errors_are_retried_and_never_recorded(s3_bucket, s3_server, faulty_s3, tiny_videos,
+                                                           tmp_path, monkeypatch):
+    """Through a proxy that fails 25% of all S3 requests (500/503, seeded): discovery gives the same
+    videos with the same ids as without faults, the shard gives every good video's clips and only the
+    permanent failures as rows (a truncated file; a 403 object as ``unreadable``). A read that keeps
+    failing transiently fails the shard, unmarked and with no row, and the next run lands it."""
+    from evatok import video
+    from workflows.config import load_config
+    from workflows.ingest import IngestError, discover, process_shard
+
+    src = f"s3://{s3_bucket}/videos"
+    good = sorted(tiny_videos.glob("*.mp4"))[:4]
+    faulty_s3.fraction = 0.0
+    for p in good:
+        st.write_bytes_atomic(f"{src}/{p.name}", p.read_bytes())
+    st.write_bytes_atomic(f"{src}/cut.mp4", good[0].read_bytes()[:3000])
+    st.write_bytes_atomic(f"{src}/forbidden.mp4", good[1].read_bytes())
+    names = [p.name for p in good] + ["cut.mp4", "forbidden.mp4"]
+    st.write_bytes_atomic(f"{src}/manifest.csv", ("uri\n" + "\n".join(names) + "\n").encode())
+    clean = {source: discover(source) for source in (src, f"{src}/manifest.csv")}
+    assert all(len(c) == 6 and all(r.error is None for r in c) for c in clean.values())
+
+    faulty_s3.forbidden = {"forbidden.mp4"}
+    faulty_s3.fraction = 0.25
+    for source in (src, f"{src}/manifest.csv"):  # a listing; a HEAD per video
+        before = faulty_s3.faults
+        faulty_s3.burst = 2  # the first requests fail for sure, the rest by the roll
+        refs = discover(source)
+        assert faulty_s3.faults >= before + 2, "the proxy injected nothing: the test would prove nothing"
+        by_name = {r.uri.rsplit("/", 1)[-1]: r for r in refs}
+        if source.endswith(".csv"):  # its HEAD is refused (403, permanent): a row; the rest as without faults
+            assert by_name.pop("forbidden.mp4").error == "unreadable"
+        assert {n: (r.video_id, r.error) for n, r in by_name.items()} == {
+            r.uri.rsplit("/", 1)[-1]: (r.video_id, None) for r in clean[source] if r.uri.rsplit("/", 1)[-1] in by_name}
+    faults_listing = faulty_s3.faults
+
+    cfg = load_config(None, ["data.fps=8", "data.size=32", "data.max_clips_per_video=2"])
+    out = f"s3://{s3_bucket}/out"
+    info = process_shard(0, refs, out, cfg.data)
+    assert faulty_s3.faults > faults_listing
+    faulty_s3.fraction = 0.0
+    errs = {e["uri"].rsplit("/", 1)[-1]: e["reason"] for e in st.read_table(f"{out}/errors").to_pylist()}
+    assert errs == {"cut.mp4": "truncated", "forbidden.mp4": "unreadable"}, errs
+    want = sum(len(video.decode_clips(str(p), clip_len=16, fps=8, size=32, max_clips=2)[0]) for p in good)
+    assert info["clips"] == want == st.read_table(f"{out}/clips").num_rows
+
+    # A read that keeps failing: the shard fails, leaves no marker and no row; once it reads, it lands.
+    monkeypatch.setenv(st.RETRIES_ENV, "2")
+    faulty_s3.down = {good[2].name}
+    with pytest.raises(IngestError, match="transiently"):
+        process_shard(1, refs, out, cfg.data)
+    assert not st.exists(f"{out}/_shards/shard-00001.json") and not st.exists(f"{out}/errors/shard-00001.parquet")
+    faulty_s3.down = set()
+    assert process_shard(1, refs, out, cfg.data)["clips"] == want

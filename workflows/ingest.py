@@ -31,7 +31,11 @@ so: guessing its encoding would silently turn names into other names. Error rows
 (``storage.redact``), their ``uri`` included: a URI with ``user:password@`` never reaches ``errors/``.
 
 Retries: a shard task whose worker process dies (node lost, OOM kill) is retried at most
-``ingest.max_retries`` times (Ray Data's default is -1, forever), then the stage fails.
+``ingest.max_retries`` times (Ray Data's default is -1, forever), then the stage fails. Storage
+requests are retried with backoff by ``storage`` (botocore/s3fs/Arrow settings, then per operation);
+a read or HEAD that still fails *transiently* (5xx, throttling, timeouts) is never recorded as a
+fact: it fails the shard (no marker) or discovery, and the rerun resumes. Only permanent failures
+(not found, access denied) become rows.
 """
 from __future__ import annotations
 
@@ -123,7 +127,9 @@ def _text(uri: str, what: str) -> str:
 
 
 def _stat_refs(entries: list[tuple[str, str | None]]) -> list[VideoRef]:
-    """HEAD every (uri, label) in parallel; a missing/unreadable one becomes an error ref."""
+    """HEAD every (uri, label) in parallel; a missing/unreadable one becomes an error ref. A transient
+    failure (still failing after the storage retries) is raised instead: a video's id and the
+    stage's fingerprint never depend on a HEAD that happened to fail."""
     def one(e):
         uri, label = e
         try:
@@ -131,7 +137,9 @@ def _stat_refs(entries: list[tuple[str, str | None]]) -> list[VideoRef]:
             return _ref(uri, size, etag, label)
         except storage.StorageNotFound as ex:
             return _ref(uri, -1, None, label, "missing", str(ex))
-        except storage.StorageError as ex:
+        except storage.TransientStorageError:
+            raise
+        except storage.StorageError as ex:  # permanent: access denied, a folder, ...
             return _ref(uri, -1, None, label, "unreadable", str(ex))
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(one, entries))
@@ -319,9 +327,13 @@ def _decode(ref: VideoRef, data_cfg, limits: dict | None) -> tuple[list, np.ndar
         return decode_video(ref, data_cfg)
     from workflows.isolation import ChildWorker
 
-    worker = _DECODER.get("worker")
+    worker, key = _DECODER.get("worker"), storage._env_key()
+    if worker is not None and _DECODER.get("key") != key:  # the child reads storage with the env it was
+        worker.close()                                       # started with: a new endpoint needs a new child
+        worker = None
     if worker is None:
         worker = _DECODER["worker"] = ChildWorker("workflows.ingest:_decode_in_child")
+        _DECODER["key"] = key
     limits = dict(limits, fault=os.environ.get(DECODE_TEST_FAULT_ENV))
     return worker.call((asdict(ref), asdict(data_cfg), limits), timeout_s=limits["timeout_s"])
 
@@ -350,6 +362,10 @@ def process_shard(i: int, refs: list[VideoRef], out: str, data_cfg, limits: dict
             continue
         try:
             windows, clips = _decode(ref, data_cfg, limits)
+        except storage.TransientStorageError as e:
+            # Not a fact about the video: fail the shard (no marker, nothing recorded); Ray's task
+            # retries (ingest.max_retries) or the next run redo it.
+            raise IngestError(f"shard {i}: a read kept failing transiently, the shard is left undone: {e}") from None
         except Exception as e:  # noqa: BLE001 - every failure becomes an error row, by design
             msg = str(e) if _reason(e) != "decode_failed" else (
                 getattr(e, "child_traceback", None) or traceback.format_exc(limit=3))

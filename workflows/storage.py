@@ -31,6 +31,7 @@ it is handed to Ray.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -56,6 +57,12 @@ class StorageNotFound(StorageError, FileNotFoundError):
 
 class UnsafePathError(StorageError, ValueError):
     """A path part would escape its output prefix (``..``, absolute part, scheme)."""
+
+
+class TransientStorageError(StorageError):
+    """A failure that may pass on its own (HTTP 5xx, throttling, a dropped connection, a timeout) and
+    was still failing after every retry. Never a fact about the object: callers must not record it
+    as one (ingest fails the shard, unmarked, instead of writing an ``unreadable`` row)."""
 
 
 # ----------------------------------------------------------------------------- URIs
@@ -132,8 +139,81 @@ def _env_key() -> tuple:
     # A new endpoint/credential set (e.g. a test's moto server) must give a new client; the key
     # holds only a hash so secrets never sit in plain sight in a repr.
     names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+             "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", RETRIES_ENV)
     return (os.getpid(), hash(tuple(os.environ.get(n) for n in names)))
+
+
+# ----------------------------------------------------------------------------- transient errors
+# Object stores fail a small fraction of requests (500/503, SlowDown, a reset connection). The
+# libraries' own retries come first: botocore's "standard" mode (exponential backoff with jitter on
+# 5xx, throttling and connection errors; ``AWS_MAX_ATTEMPTS``/``AWS_RETRY_MODE`` win when set), s3fs's
+# ``retries`` and Arrow's ``AwsStandardS3RetryStrategy``, all with ``retry_attempts()`` attempts. Each
+# operation of this module then retries, with backoff, what still fails transiently; what fails
+# after that is a ``TransientStorageError``, never a "not found" or "unreadable" fact.
+RETRIES_ENV = "EVATOK_STORAGE_RETRIES"
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+                    "RequestTimeout", "RequestTimeoutException", "TooManyRequestsException",
+                    "RequestLimitExceeded", "BandwidthLimitExceeded", "EC2ThrottledException"}
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "ResponseStreamingError", "IncompleteRead", "HTTPClientError", "ClientPayloadError",
+                    "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "FSTimeoutError",
+                    "ResponseParserError", "ProtocolError"}
+
+
+_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EAGAIN}
+
+
+def retry_attempts() -> int:
+    """Attempts per request (the libraries') and per operation (this module's): ``EVATOK_STORAGE_RETRIES``,
+    default 5; 1 turns retrying off."""
+    try:
+        return max(1, int(os.environ.get(RETRIES_ENV, "5")))
+    except ValueError:
+        return 5
+
+
+def is_transient(e: BaseException) -> bool:
+    """True if ``e`` (or what caused it) is a failure that may pass: HTTP 5xx/429, throttling, a timeout,
+    a dropped or refused connection. Not found, access denied, bad requests are permanent."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, TransientStorageError):
+            return True
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                          FileExistsError, UnsafePathError)):
+            return False
+        if isinstance(e, (TimeoutError, ConnectionError)) or type(e).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            code = (resp.get("Error") or {}).get("Code")
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+            if code in _TRANSIENT_CODES or int(status) >= 500 or int(status) == 429:
+                return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _retrying(fn, what: str, uri: str, remote: bool):
+    """``fn()``, retried with exponential backoff and jitter while it fails transiently (remote stores
+    only: a local disk's errors are facts). Raises the wrapped error (``_wrap``)."""
+    import random
+    import time
+
+    attempts = retry_attempts() if remote else 1
+    for k in range(attempts):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if k + 1 < attempts and is_transient(e):
+                time.sleep(min(5.0, 0.1 * 2 ** k) * (0.5 + random.random()))
+                continue
+            raise _wrap(e, what, uri) from None
 
 
 def _fsspec_fs(scheme: str):
@@ -148,8 +228,13 @@ def _fsspec_fs(scheme: str):
         elif scheme == "s3":
             import s3fs
 
-            # No listings cache: other processes (Ray workers) write the same prefixes.
-            fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+            # No listings cache: other processes (Ray workers) write the same prefixes. Retries: see
+            # "transient errors" above (botocore reads AWS_MAX_ATTEMPTS / AWS_RETRY_MODE itself).
+            kw: dict[str, Any] = {}
+            if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+                kw["config_kwargs"] = {"retries": {"max_attempts": retry_attempts(), "mode": "standard"}}
+            fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **kw)
+            fs.retries = retry_attempts()  # s3fs's own (timeouts, dropped connections); a class default
         else:
             try:
                 import gcsfs
@@ -187,7 +272,8 @@ def to_pyarrow(uri: str) -> tuple[Any, str]:
                     m = re.match(r"^(https?)://(.*)$", endpoint)
                     kw["scheme"], kw["endpoint_override"] = (m.group(1), m.group(2)) if m else ("https", endpoint)
                 # Credentials: arrow's default AWS chain (env vars, config files, instance role).
-                fs = pafs.S3FileSystem(**kw)
+                fs = pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=retry_attempts()),
+                                       **kw)
             else:
                 try:
                     import gcsfs  # noqa: F401
@@ -202,16 +288,25 @@ def _wrap(e: Exception, what: str, uri: str) -> StorageError:
     msg = redact(f"{what} {uri}: {type(e).__name__}: {e}")
     if isinstance(e, FileNotFoundError):
         return StorageNotFound(msg)
+    if is_transient(e):
+        return TransientStorageError(f"{msg} (still failing after {retry_attempts()} attempts)")
     return StorageError(msg)
 
 
 # ----------------------------------------------------------------------------- reading
 def exists(uri: str) -> bool:
     fs, path = fs_for(uri)
+    return bool(_retrying(lambda: _exists(fs, path), "exists", uri, is_remote(uri)))
+
+
+def _exists(fs, path: str) -> bool:
+    """``fs.exists`` that lets errors through: fsspec's own ``exists`` answers False on *any* error
+    (a 503 included), which would turn a transient failure into "no such object"."""
     try:
-        return bool(fs.exists(path))
-    except Exception as e:  # noqa: BLE001
-        raise _wrap(e, "exists", uri) from None
+        fs.info(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _etag(d: dict) -> str | None:
@@ -222,10 +317,7 @@ def _etag(d: dict) -> str | None:
 def info(uri: str) -> tuple[int, str | None]:
     """``(size, etag)``; etag is None on local disks (ids then rest on URI + size)."""
     fs, path = fs_for(uri)
-    try:
-        d = fs.info(path)
-    except Exception as e:  # noqa: BLE001
-        raise _wrap(e, "stat", uri) from None
+    d = _retrying(lambda: fs.info(path), "stat", uri, is_remote(uri))
     if d.get("type") == "directory":
         raise StorageError(f"{redact(uri)} is a directory")
     return int(d.get("size") or 0), _etag(d)
@@ -238,15 +330,15 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[tuple[st
     scheme, _ = split_uri(uri)
     fs, path = fs_for(uri)
     sfx = tuple(s.lower() for s in suffixes) if suffixes else None
-    try:
-        if not fs.exists(path):
-            return []
-        if fs.isfile(path):
-            found = {path: fs.info(path)}
-        else:
-            found = fs.find(path, detail=True)
-    except Exception as e:  # noqa: BLE001
-        raise _wrap(e, "list", uri) from None
+
+    def listing():
+        try:
+            d = fs.info(path)
+        except FileNotFoundError:
+            return {}
+        return {path: d} if d.get("type") != "directory" else fs.find(path, detail=True)
+
+    found = _retrying(listing, "list", uri, is_remote(uri))
     out = []
     for p, d in found.items():
         if d.get("type") == "directory" or p.endswith("/"):
@@ -290,10 +382,7 @@ def local_symlinks(uri: str) -> list[tuple[str, str | None, bool, bool]]:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = fs_for(uri)
-    try:
-        return fs.cat_file(path)
-    except Exception as e:  # noqa: BLE001
-        raise _wrap(e, "read", uri) from None
+    return _retrying(lambda: fs.cat_file(path), "read", uri, is_remote(uri))
 
 
 def open_read(uri: str):
@@ -371,9 +460,10 @@ def write_bytes_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     fs = _fsspec_fs(scheme)
-    try:
+
+    def put() -> bool:
         if exclusive:
-            if fs.exists(path):
+            if _exists(fs, path):
                 return False
             try:
                 fs.pipe_file(path, data, mode="create")
@@ -386,17 +476,18 @@ def write_bytes_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
         else:
             fs.pipe_file(path, data)
         return True
-    except Exception as e:  # noqa: BLE001
-        raise _wrap(e, "write", uri) from None
+
+    return _retrying(put, "write", uri, True)
 
 
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = fs_for(uri)
-    try:
-        if fs.exists(path):
+
+    def rm() -> None:
+        if _exists(fs, path):
             fs.rm(path, recursive=recursive)
-    except Exception as e:  # noqa: BLE001
-        raise _wrap(e, "remove", uri) from None
+
+    _retrying(rm, "remove", uri, is_remote(uri))
 
 
 def write_parquet(table: pa.Table, uri: str, exclusive: bool = False, compression: str = "zstd") -> bool:
