@@ -16,7 +16,14 @@ prints nothing, and tells a missing video stream from undecodable data. An mp4-f
 tells a truncated file (a box running past the end, or no ``moov``) from a corrupt one. decord is
 opened only on input PyAV accepted, and even then fd 2 is redirected around decord's open and
 reads (decord bundles FFmpeg 4, PyAV FFmpeg 8: they can disagree), keeping only a short excerpt
-of what decord printed for the error message. Frame sizes are bounded before the decoder opens
+of what decord printed for the error message.
+
+Time and orientation. Frames are sampled by time: a variable-frame-rate video (presentation
+timestamps that are not evenly spaced; decord's ``get_frame_timestamp``) is sampled by timestamp, the
+frame shown at each sampled time, and ``start_s`` is that time; a constant-rate one by index, exactly
+as before (``frame_times``). Display rotation (the display matrix: ``VideoInfo.rotation``, read by
+PyAV) is honoured: decord 0.6.0 turns the frames itself but scales them to the size it is asked for,
+so it is asked for the displayed frame's size (width and height swapped at 90 and 270 degrees). Frame sizes are bounded before the decoder opens
 (``check_frame_size``: ``MAX_PIXELS`` per source or resized frame, ``MAX_ASPECT``), so a very large,
 very tall or very wide video is a ``TooLargeError`` instead of an unbounded allocation.
 """
@@ -95,6 +102,8 @@ class VideoInfo:
     duration_s: float
     codec: str
     source: str = ""
+    rotation: int = 0     # display rotation, degrees counter-clockwise (0/90/180/270), from the display matrix;
+                          # width/height are the coded frame's (swapped on screen at 90/270)
 
 
 @dataclass(frozen=True)
@@ -229,34 +238,78 @@ def _probe(path: str | None, data: bytes | None, size: int, name: str) -> VideoI
         frames = int(s.frames) if s.frames else int(round(duration * fps))
         if frames <= 0:
             raise CorruptVideoError("video stream has no frames", name)
-        return VideoInfo(width, height, fps, frames, duration or frames / fps, cc.name or "", name)
+        return VideoInfo(width, height, fps, frames, duration or frames / fps, cc.name or "", name,
+                         _rotation(container, s))
+
+
+def _rotation(container, stream) -> int:
+    """The display rotation (degrees counter-clockwise, a multiple of 90) of the first frame: its display
+    matrix (``VideoFrame.rotation``), which is where FFmpeg puts the container's matrix (mp4 ``tkhd``,
+    the old ``rotate`` tag). 0 if the first frame cannot
+    be decoded (decord then decides whether the video is usable) or the angle is not a right angle.
+    decord applies the rotation itself; ``_decode`` asks it for the displayed frame's size."""
+    import av
+
+    try:
+        for frame in container.decode(stream):
+            angle = float(frame.rotation or 0.0)
+            k = round(angle / 90.0)
+            return int(k % 4) * 90 if abs(angle - 90.0 * k) < 1.0 else 0
+    except (av.FFmpegError, ValueError, OverflowError, AttributeError):
+        pass
+    return 0
 
 
 # ----------------------------------------------------------------------------- windows
-def _sampled_index(k: np.ndarray, native_fps: float, fps: float | None) -> np.ndarray:
+# Sampling is by time. A constant-rate video's frame i is shown at i / fps; a variable-frame-rate one's
+# at its presentation timestamp (``times``: start of every frame in seconds from the first, increasing,
+# from ``frame_times``). Sampled frame k (time k / fps) takes the frame shown at that time: the last one
+# that starts at or before it.
+def _sampled_index(k: np.ndarray, native_fps: float, fps: float | None, times: np.ndarray | None = None) -> np.ndarray:
     """Native frame shown at sampled frame k (time k / fps). 1e-6 guards float round-off at exact ratios."""
     if fps is None:
         return k.astype(np.int64)
+    if times is not None:
+        return np.maximum(np.searchsorted(times, k / fps + 1e-6, side="right") - 1, 0).astype(np.int64)
     return np.floor(k * (native_fps / fps) + 1e-6).astype(np.int64)
 
 
-def _num_sampled(info: VideoInfo, fps: float | None) -> int:
+def _num_sampled(info: VideoInfo, fps: float | None, times: np.ndarray | None = None) -> int:
     if fps is None:
         return info.num_frames
+    if times is not None:
+        return int(math.floor(times[-1] * fps + 1e-6)) + 1
     return int(math.floor((info.num_frames - 1) * fps / info.fps + 1e-6)) + 1
 
 
+def frame_times(timestamps, fps: float) -> np.ndarray | None:
+    """Start times (s from the first frame) of a variable-frame-rate video's frames, from their
+    presentation timestamps; None when the video is constant-rate (every gap within 1% of 1 / fps:
+    indexing by rate is then exact) or the timestamps are unusable (not finite, not increasing)."""
+    t = np.asarray(timestamps, np.float64).reshape(-1)
+    if len(t) < 2 or not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
+        return None
+    t = t - t[0]
+    if fps > 0 and np.max(np.abs(t - np.arange(len(t)) / fps)) <= 0.01 / fps:
+        return None
+    return t
+
+
 def clip_windows(info: VideoInfo, clip_len: int = 16, fps: float | None = None,
-                 stride: float | None = None) -> list[ClipWindow]:
+                 stride: float | None = None, times: np.ndarray | None = None) -> list[ClipWindow]:
     """Every clip window of the video, in increasing order.
 
-    ``fps``: sample frames at this rate (None = native). ``stride``: seconds between window
-    starts (None = back-to-back windows). Raises ``TooShortError`` if not even one window fits.
+    ``fps``: sample frames at this rate (None = native: every frame). ``stride``: seconds between
+    window starts (None = back-to-back windows). ``times``: a variable-frame-rate video's frame start
+    times (``frame_times``); frames are then sampled by timestamp and ``start_s`` is a real time.
+    Raises ``TooShortError`` if not even one window fits.
     """
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    if times is not None and len(times) != info.num_frames:
+        raise ValueError(f"{len(times)} frame times for {info.num_frames} frames")
     rate = fps if fps is not None else info.fps
-    n = _num_sampled(info, fps)
+    n = _num_sampled(info, fps, times)
     if n < clip_len:
         raise TooShortError(
             f"{info.num_frames} frames at {info.fps:g} fps give {n} frames at {rate:g} fps, "
@@ -264,7 +317,8 @@ def clip_windows(info: VideoInfo, clip_len: int = 16, fps: float | None = None,
     step = clip_len if stride is None else max(1, int(round(stride * rate)))
     starts = range(0, n - clip_len + 1, step)
     offsets = np.arange(clip_len)
-    return [ClipWindow(i, k0 / rate, tuple(_sampled_index(k0 + offsets, info.fps, fps).tolist()))
+    start = (lambda k0: float(times[k0])) if times is not None and fps is None else (lambda k0: k0 / rate)
+    return [ClipWindow(i, start(k0), tuple(_sampled_index(k0 + offsets, info.fps, fps, times).tolist()))
             for i, k0 in enumerate(starts)]
 
 
@@ -340,7 +394,10 @@ def _decode(path, data, info: VideoInfo, name: str, clip_len: int, fps: float | 
             stride: float | None, max_clips: int | None, start_s: float | None):
     import decord
 
-    w, h = scaled_size(info.width, info.height, size)
+    # decord (0.6.0, its FFmpeg 4) applies the display rotation itself and then scales to the size it
+    # is asked for: ask for the displayed frame's size (width and height swapped at 90/270 degrees).
+    upright = info.rotation in (90, 270)
+    w, h = scaled_size(info.height, info.width, size) if upright else scaled_size(info.width, info.height, size)
     msgs: list[str] = []
     try:
         with _quiet_stderr(msgs):
@@ -349,11 +406,18 @@ def _decode(path, data, info: VideoInfo, name: str, clip_len: int, fps: float | 
     except (RuntimeError, decord.DECORDError) as e:
         raise CorruptVideoError(f"decoder cannot open the video: {str(e)[:200]} {msgs[0][:200]}", name) from None
     # decord's own frame count is what it can actually deliver; trust it over the container header.
-    info = VideoInfo(info.width, info.height, info.fps, len(vr), info.duration_s, info.codec, name)
+    info = VideoInfo(info.width, info.height, info.fps, len(vr), info.duration_s, info.codec, name, info.rotation)
+    times = None
+    if len(vr) > 1:
+        try:
+            with _quiet_stderr(msgs):
+                times = frame_times(vr.get_frame_timestamp(np.arange(len(vr)))[:, 0], info.fps)
+        except (RuntimeError, decord.DECORDError, IndexError, ValueError):
+            times = None  # no usable timestamps: index by rate
     if start_s is None:
-        windows = clip_windows(info, clip_len, fps, stride)
+        windows = clip_windows(info, clip_len, fps, stride, times)
     else:
-        windows = _window_at(info, start_s, clip_len, fps)
+        windows = _window_at(info, start_s, clip_len, fps, times)
     if max_clips is not None:
         windows = windows[:max_clips]
     wanted = np.unique(np.concatenate([np.asarray(wd.frame_indices) for wd in windows]))
@@ -370,16 +434,22 @@ def _decode(path, data, info: VideoInfo, name: str, clip_len: int, fps: float | 
     return windows, np.ascontiguousarray(frames[pos])
 
 
-def _window_at(info: VideoInfo, start_s: float, clip_len: int, fps: float | None) -> list[ClipWindow]:
+def _window_at(info: VideoInfo, start_s: float, clip_len: int, fps: float | None,
+               times: np.ndarray | None = None) -> list[ClipWindow]:
     rate = fps if fps is not None else info.fps
-    if start_s < 0 or start_s >= info.num_frames / info.fps:
-        raise ValueError(f"start_s={start_s} is outside the video (0 .. {info.num_frames / info.fps:.3f} s)")
-    k0 = int(round(start_s * rate))
-    n = _num_sampled(info, fps)
+    end = info.num_frames / info.fps if times is None else float(times[-1]) + 1e-6
+    if start_s < 0 or start_s >= end:
+        raise ValueError(f"start_s={start_s} is outside the video (0 .. {end:.3f} s)")
+    if times is not None and fps is None:
+        k0 = int(np.searchsorted(times, start_s - 1e-6))
+    else:
+        k0 = int(round(start_s * rate))
+    n = _num_sampled(info, fps, times)
     if k0 + clip_len > n:
         raise TooShortError(f"a clip of {clip_len} frames at {rate:g} fps from {start_s} s runs past the end "
                             f"({n} frames at that rate)", info.source or None)
-    return [ClipWindow(0, k0 / rate, tuple(_sampled_index(k0 + np.arange(clip_len), info.fps, fps).tolist()))]
+    first = float(times[k0]) if times is not None and fps is None else k0 / rate
+    return [ClipWindow(0, first, tuple(_sampled_index(k0 + np.arange(clip_len), info.fps, fps, times).tolist()))]
 
 
 # ----------------------------------------------------------------------------- tensors
