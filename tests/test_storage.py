@@ -325,3 +325,31 @@ def test_transient_s3_errors_are_retried_and_never_recorded(s3_bucket, s3_server
     assert not st.exists(f"{out}/_shards/shard-00001.json") and not st.exists(f"{out}/errors/shard-00001.parquet")
     faulty_s3.down = set()
     assert process_shard(1, refs, out, cfg.data)["clips"] == want
+
+
+def test_local_publish_fsyncs_the_file_then_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """The order that makes a publish survive a power loss: the data's bytes (fsync of the temp
+    file), the rename, then the directory holding the new name (fsync of the folder), for a plain
+    and an exclusive publish; a folder created on the way is fsynced into its parent."""
+    events = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", "dir" if os.path.isdir(target) else "file", target))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", b)), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "link", lambda a, b: (events.append(("rename", b)), real_link(a, b))[1])
+    new_dir = tmp_path / "a" / "b"
+    for name, exclusive in (("x.bin", False), ("y.json", True)):
+        events.clear()
+        assert st.write_bytes_atomic(str(new_dir / name), b"payload", exclusive=exclusive)
+        published = str(new_dir / name)
+        k = events.index(("rename", published))
+        assert [e[:2] for e in events[k - 1:k]] == [("fsync", "file")], events  # bytes before the name
+        assert ("fsync", "dir", str(new_dir)) in events[k + 1:], events  # the name after the rename
+        if name == "x.bin":  # a and a/b were created: each made durable in its parent
+            assert ("fsync", "dir", str(tmp_path)) in events and ("fsync", "dir", str(tmp_path / "a")) in events
+    assert (new_dir / "x.bin").read_bytes() == b"payload"

@@ -7,7 +7,9 @@ installed. S3 endpoint, region and credentials come from the standard AWS enviro
 files; this module never logs them, and ``redact`` strips them from any text we print.
 
 Publishing is atomic: ``write_bytes_atomic`` never leaves a partial object under the final key.
-- local: write ``.<name>.tmp-<uuid>`` in the same directory, fsync, ``os.replace`` (atomic rename).
+- local: write ``.<name>.tmp-<uuid>`` in the same directory, fsync, ``os.replace`` (atomic rename),
+  then fsync the directory (the rename itself is durable before anything published after it, such as
+  a shard marker; folders created on the way are fsynced into their parents too).
 - object stores: the whole payload is in memory and sent with one ``put_object`` (or a multipart
   upload, which becomes visible only on completion). We deliberately never stream through an fsspec
   file object: its ``__exit__`` calls ``close()`` (which commits) even when the ``with`` body raised,
@@ -439,7 +441,10 @@ def write_bytes_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
     data = bytes(data)
     if scheme == "file":
         d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
+        try:
+            _makedirs_durable(d)
+        except OSError as e:
+            raise _wrap(e, "write", uri) from None
         tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
@@ -453,6 +458,9 @@ def write_bytes_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
                     return False
             else:
                 os.replace(tmp, path)
+            # The rename lives in the directory: without this a power loss can keep a marker written
+            # later while losing this rename (the data's bytes are durable, its name is not).
+            _fsync_dir(d)
             return True
         except OSError as e:
             raise _wrap(e, "write", uri) from None
@@ -478,6 +486,33 @@ def write_bytes_atomic(uri: str, data: bytes, exclusive: bool = False) -> bool:
         return True
 
     return _retrying(put, "write", uri, True)
+
+
+def _fsync_dir(d: str) -> None:
+    """Make a directory's entries (a rename, a new file or folder in it) durable."""
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(d: str) -> None:
+    """``os.makedirs(d, exist_ok=True)``, then fsync the parent of every folder it created, so a
+    published file's folder cannot vanish after a power loss either."""
+    missing = []
+    p = os.path.abspath(d)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if not missing:
+        return
+    os.makedirs(d, exist_ok=True)
+    for p in reversed(missing):
+        _fsync_dir(os.path.dirname(p))
 
 
 def remove(uri: str, recursive: bool = False) -> None:
