@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from workflows import storage
 from workflows.config import MissingPretrainedError, check_pretrained, load_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TOKENIZER_FILES = {"proxy": {"lpips_backbone", "align_encoder"},
@@ -136,6 +138,10 @@ def test_ar_steps_count_epochs_over_videos():
     for name in ("ar", "ar-gptb"):
         t = load_config(CONFIGS / f"paper-{name}.yaml").train
         assert t.steps == math.ceil(3000 * 9537 / 128) and t.batch_size == 128 and t.schedule == "wsd"
+        assert not t.prefix_counts
+    k600 = load_config(CONFIGS / "paper-ar-k600.yaml")
+    assert k600.train.steps == math.ceil(75 * 392_622 / 128) and list(k600.train.prefix_counts) == [512, 128]
+    assert k600.train.tokenizer == load_config(CONFIGS / "paper-final-ucf-k600.yaml").train.output
 
 
 def test_ar_recipes_sample_with_the_papers_guidance():
@@ -148,7 +154,7 @@ def test_ar_recipes_sample_with_the_papers_guidance():
         assert 101 * c.generate.samples_per_class >= 10_000
 
 
-@pytest.mark.parametrize("name", ["proxy", "final", "final-ucf-k600", "router", "ar", "ar-gptb"])
+@pytest.mark.parametrize("name", ["proxy", "final", "final-ucf-k600", "router", "ar", "ar-gptb", "ar-k600"])
 def test_paper_recipes_warm_up_and_set_betas(name):
     t = load_config(CONFIGS / f"paper-{name}.yaml").train
     assert 0 < t.warmup_steps <= 0.06 * t.steps
@@ -158,7 +164,8 @@ def test_paper_recipes_warm_up_and_set_betas(name):
 
 
 def test_random_window_recipes_read_longer_clips():
-    pairs = {"proxy": "ingest", "final": "ingest", "final-ucf-k600": "ingest-ucf-k600", "ar": "ingest-ucf101"}
+    pairs = {"proxy": "ingest", "final": "ingest", "final-ucf-k600": "ingest-ucf-k600", "ar": "ingest-ucf101",
+             "ar-k600": "ingest-k600"}
     for train, ingest in pairs.items():
         tc, ic = load_config(CONFIGS / f"paper-{train}.yaml"), load_config(CONFIGS / f"paper-{ingest}.yaml")
         assert tc.train.data == ic.ingest.output and ic.data.clip_len > tc.data.clip_len == 16
@@ -275,3 +282,122 @@ def test_relabel_names_labels_by_the_metric_actually_used(tmp_path):
     assert storage.read_done(rel.labels)["metric"] == "lpips_random_backbone"
     assert labels_uri(cfg.label) == rel.labels              # where the router looks for them
     assert not storage.exists(f"{out}/labels/lpips-wq1.2-wl0.8")
+
+
+# ----------------------------------------------------------------------------- K600 frame prediction
+# Tiny models: 16 frames of 32x32 in 4 blocks of 4, counts {2, 4, 8, 16}; the prefix (16, 4) stands for the
+# paper's (512, 128): the largest count, then the middle one.
+PREFIX = (16, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp_models():
+    import torch
+
+    from evatok.ar import ARConfig, ARModel
+    from evatok.router import Router, RouterConfig
+    from evatok.tokenizer import AdaptiveTokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    counts = (2, 4, 8, 16)
+    tok = AdaptiveTokenizer(TokenizerConfig(size=32, counts=counts, enc_dim=32, dec_dim=32, enc_layers=1,
+                                            dec_layers=1, enc_heads=2, dec_heads=2, codebook_size=64)).eval()
+    router = Router(RouterConfig(image_size=32, patch_size=(4, 8, 8), dim=32, depth=1, heads=2, mlp_dim=64,
+                                 counts=counts)).eval()
+    ar = ARModel(ARConfig(codebook_size=64, counts=counts, dim=32, n_layers=2, n_heads=2)).eval()
+    return tok, router, ar
+
+
+def clips(n, seed):
+    import torch
+
+    return torch.rand(n, 3, 16, 32, 32, generator=torch.Generator().manual_seed(seed)) - 0.5
+
+
+def test_frame_prediction_prefix_is_the_conditioning_frames_blocks(tiny_fp_models):
+    """5 conditioning frames padded to the first 2 blocks (8 frames), their counts fixed: the prefix
+    depends on those 5 frames only and holds exactly those blocks' tokens."""
+    import torch
+
+    from evatok.ar_sampling import frame_prediction_prefix
+
+    tok, router, ar = tiny_fp_models
+    a = clips(2, 0)
+    b = a.clone()
+    b[:, :, 5:] = clips(2, 1)[:, :, 5:]                     # other frames after the 5th
+    pa_, ca = frame_prediction_prefix(tok, router, a, ar.layout, cond_frames=5, prefix_counts=PREFIX)
+    pb, _ = frame_prediction_prefix(tok, router, b, ar.layout, cond_frames=5, prefix_counts=PREFIX)
+    assert torch.equal(pa_, pb)
+    assert ca[:, :2].tolist() == [list(PREFIX)] * 2
+    L = ar.layout
+    assert pa_.shape == (2, 2 + 16 + 4)
+    assert (pa_[:, 0] == L.length_base + 3).all() and (pa_[:, 17] == L.length_base + 1).all()
+    # the codes are the tokenizer's, of the 5 frames padded by repeating the last one
+    padded = torch.cat([a[:, :, :5], a[:, :, 4:5].expand(-1, -1, 11, -1, -1)], 2)
+    codes, _ = tok.encode(padded, ca)
+    assert torch.equal(pa_[:, 1:17], codes[:, :16]) and torch.equal(pa_[:, 18:], codes[:, 16:20])
+    with pytest.raises(ValueError, match="do not fit"):
+        frame_prediction_prefix(tok, router, a, ar.layout, cond_frames=9, prefix_counts=PREFIX)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_respects_the_conditioning_prefix(tiny_fp_models, use_cache):
+    import torch
+
+    from evatok.ar_sampling import frame_prediction_prefix, generate
+
+    tok, router, ar = tiny_fp_models
+    prefix, _ = frame_prediction_prefix(tok, router, clips(4, 2), ar.layout, cond_frames=5, prefix_counts=PREFIX)
+    seq = generate(ar, [-1] * 4, generator=torch.Generator().manual_seed(0), use_cache=use_cache, prefix=prefix)
+    codes, counts = ar.layout.parse_sequence(seq)           # well-formed
+    assert counts[:, :2].tolist() == [list(PREFIX)] * 4     # the first blocks' lengths ...
+    for b in range(4):                                      # ... and tokens are the prefix's
+        assert torch.equal(codes[b][:20], torch.cat([prefix[b, 1:17], prefix[b, 18:22]]))
+    assert torch.equal(seq[:, 1:1 + prefix.shape[1]], prefix)
+    free = generate(ar, [-1] * 4, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+    assert ar.layout.parse_sequence(free)[1][:, :2].tolist() != [list(PREFIX)] * 4   # sampled when not forced
+
+
+def test_a_malformed_prefix_is_refused(tiny_fp_models):
+    import torch
+
+    from evatok.ar_sampling import generate, prefix_tokens
+
+    tok, router, ar = tiny_fp_models
+    L = ar.layout
+    with pytest.raises(ValueError, match="structure"):       # a visual token where a length token must be
+        generate(ar, [-1], prefix=torch.tensor([[5, 6]]))
+    with pytest.raises(ValueError, match="structure"):       # a class token is never emitted
+        generate(ar, [-1], prefix=torch.tensor([[L.class_base]]))
+    with pytest.raises(ValueError, match="same counts"):
+        prefix_tokens(L, torch.zeros(2, 64, dtype=torch.long), torch.tensor([[8, 8, 8, 8], [16, 8, 8, 8]]), 2)
+    ok = prefix_tokens(L, torch.arange(16)[None], torch.tensor([[8, 8, 8, 8]]), 2)
+    assert ok.tolist() == [[L.length_base + 2] + list(range(8)) + [L.length_base + 2] + list(range(8, 16))]
+
+
+def test_ar_recipe_routes_frame_prediction_clips_with_the_fixed_prefix(tiny_fp_models, tmp_path):
+    """train.prefix_counts: every training sequence's first blocks have the conditioning counts."""
+    import io
+
+    import torch
+
+    from evatok.export import save_model
+    from workflows.train.recipes import ARRecipe
+
+    tok, router, ar = tiny_fp_models
+    for name, model in (("tok", tok), ("router", router)):
+        buf = io.BytesIO()
+        save_model(model, buf, {})
+        storage.write_bytes_atomic(str(tmp_path / f"{name}.pt"), buf.getvalue())
+    over = ["train.model=ar", f"train.tokenizer={tmp_path / 'tok.pt'}", f"train.router={tmp_path / 'router.pt'}",
+            "data.size=32"]
+    batch = {"video": clips(6, 3)}
+    free = ARRecipe(load_config(None, over), "cpu", classes=["a"]).prepare(batch)
+    fixed = ARRecipe(load_config(None, over + [f"train.prefix_counts={list(PREFIX)}"]), "cpu", classes=["a"]).prepare(batch)
+    assert fixed["counts"][:, :2].tolist() == [list(PREFIX)] * 6
+    assert free["counts"][:, :2].tolist() != [list(PREFIX)] * 6     # the router alone picks others
+    # the sequence it trains on starts with the conditioning blocks' tokens, as generation forces them
+    from evatok.ar_sampling import prefix_tokens
+
+    tokens, _, _ = ar.layout.build_sequence(fixed["codes"], fixed["counts"])
+    assert torch.equal(tokens[:, 1:23], prefix_tokens(ar.layout, fixed["codes"], fixed["counts"], 2))

@@ -124,6 +124,9 @@ class TrainConfig:
     hflip: bool = False         # augmentation: random horizontal flip of each training clip
     random_window: bool = False  # augmentation: clips stored longer than data.clip_len give a random
                                 # data.clip_len-frame window per sample (else the centre window)
+    prefix_counts: tuple[int, ...] | None = None  # AR: the first blocks' counts fixed (K600 frame prediction
+                                # [P]: (512, 128), the conditioning frames' blocks) via the router's
+                                # constrained prediction
     output: str = ""            # where the exported model is written
 
 

@@ -354,7 +354,10 @@ class ARRecipe(Recipe):
         if "codes" in batch:  # a codes dataset (evatok tokenize): the codes as written, no model runs
             return {"codes": batch["codes"], "counts": batch["counts"], "labels": labels}
         video = batch["video"].to(self.device)  # clips: route and encode every clip at every step
-        counts = self.router.counts(self.router.predict(video))
+        if self.t.prefix_counts:  # frame prediction: the conditioning blocks' counts are fixed [P]
+            counts = self.router.counts(self.router.predict_constrained(video, prefix=self.t.prefix_counts))
+        else:
+            counts = self.router.counts(self.router.predict(video))
         codes, _ = self.tokenizer.encode(video, counts)
         return {"codes": codes.cpu(), "counts": counts.cpu(), "labels": labels}
 
