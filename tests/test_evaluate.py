@@ -1,0 +1,137 @@
+"""evaluate on a micro run: a briefly trained micro tokenizer (final and proxy), a random micro router,
+labels made by the label stage's own scorer and relabel; the table, its protocol, the plots, MLflow."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evatok.evaluation import quick_train
+from evatok.tokenizer import AdaptiveTokenizer, TokenizerConfig
+from test_routing import MICRO_TOK, micro_router
+from test_tokenize import _video, save
+from train_fixtures import write_clips
+from workflows import storage
+from workflows.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """24 clips (each its own video), final.pt (trained 100 steps), router.pt, label/ (scores, stats and
+    labels of the held-out clips at val_every=3 and 4 others: the label stage's scorer and relabel)."""
+    from workflows.label import Scorer, compute_stats, run_relabel
+    from workflows.train.data import held_out
+
+    root = tmp_path_factory.mktemp("run")
+    data = write_clips(str(root / "data"), n=24, size=32)
+    table = storage.read_table(data + "/clips")
+    torch.manual_seed(0)
+    tok = quick_train(AdaptiveTokenizer(TokenizerConfig(**MICRO_TOK)), _video(table), steps=100, lr=3e-3)
+    save(tok, str(root / "final.pt"))
+    save(micro_router(), str(root / "router.pt"))
+    label = str(root / "label")
+    held = held_out(table.column("video_id").to_pylist(), 3)
+    scored = [i for i, v in enumerate(table.column("video_id").to_pylist()) if v in held] + [0, 1, 2, 3]
+    scores = Scorer(str(root / "final.pt"), batch_size=8).score(table.take(sorted(set(scored))))
+    storage.write_parquet(scores, label + "/scores/shard-00000.parquet")
+    stats = compute_stats(label, 2000, 0, MICRO_TOK["counts"])
+    storage.write_bytes_atomic(label + "/stats.json", json.dumps(stats).encode())
+    rel = run_relabel(load_config(None, [f"label.output={label}", "label.metric=mse", "label.w_q=1.4",
+                                         "label.w_l=0.6"]), quiet=True)
+    return root, data, tok, rel.labels
+
+
+def eval_cfg(root, data, labels, **kw):
+    over = [f"work_dir={root}", f"evaluate.clips={data}", f"evaluate.tokenizer={root / 'final.pt'}",
+            f"evaluate.router={root / 'router.pt'}", f"evaluate.labels={labels}", f"evaluate.output={root / 'eval'}",
+            "evaluate.val_every=3", "evaluate.max_clips=8", "evaluate.budgets=[16,32]", "evaluate.grid_clips=2",
+            "evaluate.calibration_clips=64"]
+    return load_config(None, over + [f"evaluate.{k}={v}" for k, v in kw.items()])
+
+
+def test_evaluate_table_plots_and_mlflow(micro_run, tmp_path):
+    from workflows.evaluate import run_evaluate
+    from workflows.tracking import Lineage
+    from workflows.train.data import held_out
+
+    root, data, tok, labels = micro_run
+    cfg = eval_cfg(root, data, labels, **{"max_clips": 8})
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lin = Lineage(cfg.mlflow.tracking_uri, "evatok-test", str(tmp_path), quiet=True)
+    lin.ensure_experiment()
+    cfg.mlflow.experiment = "evatok-test"
+    run_id = lin.start("eval-test")
+    res = run_evaluate(cfg, run_id=run_id, quiet=True)
+    lin.end(run_id)
+    t = res.table.to_pylist()
+    by = {(r["method"], r["setting"]): r for r in t}
+    kinds = [r["method"] for r in t]
+    assert kinds[:5] == ["uniform"] * 5 and {"router", "budget", "labels", "best_uniform", "threshold"} <= set(kinds)
+    assert kinds.count("budget") == 2 and kinds.count("threshold") >= 3
+    # the held-out split is by video, as the tokenizers': exactly the videos hashing to 0 mod 3, first 8 clips
+    table = storage.read_table(data + "/clips")
+    vids = table.column("video_id").to_pylist()
+    held = held_out(vids, 3)
+    want = sorted(c for c, v in zip(table.column("clip_id").to_pylist(), vids) if v in held)[:8]
+    assert res.protocol["clips"] == len(want) == len(t[0:1]) * len(want)
+    clip_rows = storage.read_table(res.files["assignments.parquet"]).to_pylist()
+    assert sorted({r["clip_id"] for r in clip_rows}) == want
+    # every row carries its protocol
+    for r in t:
+        assert r["protocol.clips"] == len(want) and r["protocol.frames"] == 16 and r["protocol.size"] == 32
+        assert len(r["protocol.split_digest"]) == 64 and len(r["protocol.tokenizer_sha256"]) == 64
+    # uniform rows: tokens = 4 x count, PSNR re-measured here by the tokenizer itself
+    held_table = table.filter(np.isin(np.array(table.column("clip_id").to_pylist()), want))
+    x = _video(held_table.take(np.argsort(held_table.column("clip_id").to_pylist())))
+    with torch.no_grad():
+        recon = tok.reconstruct(x, torch.tensor([8, 8, 8, 8])).clamp(-0.5, 0.5)
+    mse = ((recon - x) ** 2).mean((1, 3, 4))  # [N, T]
+    assert by[("uniform", "k8")]["mean_tokens"] == 32
+    assert abs(by[("uniform", "k8")]["psnr"] - float((-10 * torch.log10(mse)).mean())) < 1e-3
+    assert by[("uniform", "k16")]["psnr"] > by[("uniform", "k1")]["psnr"]   # the briefly trained curve rises
+    # labels are the reward argmax: percentile 100; the router row has top-1 / top-5 and a percentile
+    assert abs(by[("labels", "")]["reward_percentile"] - 100.0) < 1e-6
+    assert by[("best_uniform", "")]["reward_percentile"] <= 100.0
+    r = by[("router", "")]
+    assert 0 <= r["top1"] <= r["top5"] <= 1 and 0 <= r["reward_percentile"] <= 100
+    # budgets: lambda recorded, calibrated on training videos close to the target; more budget, more tokens
+    b16, b32 = by[("budget", "B16")], by[("budget", "B32")]
+    assert abs(b16["calibration_mean_tokens"] - 16) / 16 < 0.1 and b16["lambda"] > b32["lambda"]
+    assert b16["mean_tokens"] <= b32["mean_tokens"]
+    # thresholds: a looser threshold never costs more tokens
+    th = sorted((r["threshold"], r["mean_tokens"]) for r in t if r["method"] == "threshold")
+    assert all(a[1] >= b[1] for a, b in zip(th, th[1:]))
+    # files: table in Parquet and CSV, three PNGs
+    for name in ("metrics.parquet", "metrics.csv", "quality_cost.png", "assignments.png", "recon_grid.png",
+                 "protocol.json", "summary.json"):
+        assert storage.exists(str(root / "eval" / name)), name
+    for name in ("quality_cost.png", "assignments.png", "recon_grid.png"):
+        data_png = storage.read_bytes(str(root / "eval" / name))
+        assert data_png.startswith(PNG) and len(data_png) > 5000, name
+    csv = storage.read_bytes(str(root / "eval" / "metrics.csv")).decode().splitlines()
+    assert csv[0].startswith("method,setting,mean_tokens") and len(csv) == len(t) + 1
+    # MLflow: metrics, protocol tags, artifacts on the stage's run
+    run = lin.client().get_run(run_id)
+    assert run.data.metrics["eval/uniform_k8/psnr"] == pytest.approx(by[("uniform", "k8")]["psnr"])
+    assert run.data.metrics["eval/router/top1"] == pytest.approx(r["top1"])
+    assert run.data.tags["evatok.eval.protocol.split_digest"] == t[0]["protocol.split_digest"]
+    arts = {a.path for a in lin.client().list_artifacts(run_id, "evaluate")}
+    assert {"evaluate/metrics.csv", "evaluate/metrics.parquet", "evaluate/quality_cost.png",
+            "evaluate/assignments.png", "evatok/recon_grid.png".replace("evatok", "evaluate")} <= arts
+    assert "router" in res.summary and "uniform at equal tokens" in res.summary
+
+
+def test_threshold_defaults_and_uniform_interpolation():
+    from workflows.evaluate import default_thresholds, interp_uniform, tokens_for
+
+    th = default_thresholds(np.linspace(0.0, 1.0, 101), n=3)
+    assert th == pytest.approx([0.95, 0.5, 0.05])
+    curve = [(32.0, 20.0), (64.0, 22.0), (128.0, 26.0)]
+    assert interp_uniform(curve, 64.0) == 22.0 and interp_uniform(curve, 90.5) == pytest.approx(24.0, abs=0.01)
+    assert tokens_for(curve, 24.0) == pytest.approx(90.51, abs=0.01) and tokens_for(curve, 30.0) != tokens_for(curve, 30.0)
