@@ -401,3 +401,29 @@ def test_ar_recipe_routes_frame_prediction_clips_with_the_fixed_prefix(tiny_fp_m
 
     tokens, _, _ = ar.layout.build_sequence(fixed["codes"], fixed["counts"])
     assert torch.equal(tokens[:, 1:23], prefix_tokens(ar.layout, fixed["codes"], fixed["counts"], 2))
+
+
+# ----------------------------------------------------------------------------- through the real loop
+@pytest.mark.slow
+@pytest.mark.ray
+def test_augmented_tokenizer_and_router_validation_train_for_real(ray_local, tmp_path):
+    """Ray Train + DeepSpeed: a proxy on 20-frame clips with random 16-frame windows, flips and the GAN
+    (its own betas); a router whose held-out reward percentile comes from the held-out rewards only."""
+    from train_fixtures import write_clips, write_labels
+
+    from workflows.train import run_training
+
+    tiny = ["data.clip_len=16", "data.size=64", "train.num_workers=2", "train.batch_size=4", "train.lr=0.001",
+            "train.cpus_per_worker=0.5", "mlflow.system_metrics=false", "train.checkpoint_every=100",
+            f"work_dir={tmp_path / 'runs'}", "name=aug"]
+    long_clips = write_clips(str(tmp_path / "long"), n=16, clip_len=20)
+    proxy = run_training(load_config(None, tiny + [
+        "train.model=proxy", "train.steps=3", f"train.data={long_clips}", "train.hflip=true",
+        "train.random_window=true", "train.disc_start=0", "train.disc_betas=[0.5, 0.99]", "train.warmup_steps=2"]))
+    assert proxy.steps == 3 and proxy.metrics["val/clips"] > 0    # held out: centre windows of 16 frames
+    clips = write_clips(str(tmp_path / "short"), n=16)
+    t = storage.read_table(f"{clips}/clips", columns=["clip_id", "label"])
+    labels = write_labels(str(tmp_path / "labels"), t.column("clip_id").to_pylist(), t.column("label").to_pylist())
+    router = run_training(load_config(None, tiny + [
+        "train.model=router", "train.steps=2", f"train.data={clips}", f"train.labels={labels}", "train.val_every=4"]))
+    assert "val/reward_percentile" in router.metrics and router.metrics["val/clips"] < 16
