@@ -180,7 +180,8 @@ class FaultyS3Proxy:
     """A loopback HTTP proxy in front of the moto server. It answers a seeded ``fraction`` of requests
     itself with a 503 ``SlowDown`` or a 500 ``InternalError`` (the request never reaches moto), every
     request whose path holds one of ``forbidden`` with a 403 ``AccessDenied``, and every GET whose
-    path holds one of ``down`` with a 503; the rest is forwarded unchanged."""
+    path holds one of ``down`` with a 503; the rest is forwarded unchanged (but for ``If-None-Match``
+    with ``ignore_if_none_match``: a store that does not support create-if-absent)."""
 
     def __init__(self, upstream: str, fraction: float, seed: int = 0):
         import http.client
@@ -194,6 +195,7 @@ class FaultyS3Proxy:
         self.down: set[str] = set()
         self.faults = self.requests = 0
         self.burst = 0  # fail this many next requests, whatever the roll
+        self.ignore_if_none_match = False  # forward PUTs without it: a store with no create-if-absent
         up = urlparse(upstream)
         proxy = self
 
@@ -232,7 +234,8 @@ class FaultyS3Proxy:
                         proxy.faults += 1
                     return self._reply(*((503, "SlowDown") if roll < proxy.fraction / 2 else (500, "InternalError")))
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                drop = ("connection", "expect") + (("if-none-match",) if proxy.ignore_if_none_match else ())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()

@@ -160,13 +160,79 @@ def read_claim(place: str) -> dict | None:
     return read_json(storage.join(place, CLAIM))
 
 
-def write_claim(place: str, fp: Fingerprint, **extra) -> None:
-    storage.write_bytes_atomic(storage.join(place, CLAIM),
-                               json.dumps({"fingerprint": fp.to_json(), **extra}, sort_keys=True, default=str).encode())
+class ConcurrentRunError(StageError):
+    """Another run claimed (or took over) the same output place at the same time."""
 
 
-def update_record(place: str, info: dict) -> dict:
-    """Merge ``info`` into ``place/_DONE.json`` (which the stage itself may have written) and publish it."""
+# Claims this process holds: place -> owner token (a claim is checked against it before the record).
+_HELD: dict[str, str] = {}
+
+
+def _owner() -> dict:
+    import os
+    import socket
+    import time
+    import uuid
+
+    return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "at": round(time.time(), 3)}
+
+
+def _who(claim: dict | None) -> str:
+    o = (claim or {}).get("owner") or {}
+    return f"pid {o.get('pid', '?')} on {o.get('host', '?')}" if o else "another run"
+
+
+def write_claim(place: str, fp: Fingerprint, **extra) -> dict:
+    """Claim ``place`` for this run of the stage with fingerprint ``fp`` (after ``decide``); returns the claim.
+
+    The claim holds the fingerprint, a ``claim_id`` (kept across resumes: the same interrupted work)
+    and an ``owner`` token (new for every run that takes it). Exclusive where the store allows it:
+
+    - nothing claimed yet: create-if-absent (local ``O_EXCL``-style link, S3 ``IfNoneMatch``); a
+      concurrent run that got there first wins and this one raises ``ConcurrentRunError``;
+    - a claim with our fingerprint (an interrupted run being resumed), or with another one (``decide``
+      chose a fresh start): taken over by rewriting it with our owner token.
+
+    Either way the claim is read back: a store that ignores ``IfNoneMatch``, or a concurrent takeover,
+    shows as another owner (``ConcurrentRunError``); ``check_claim`` (called by ``update_record`` and
+    before training publishes its record) looks again before anything is published as done."""
+    uri = storage.join(place, CLAIM)
+    old = read_json(uri)
+    owner = _owner()
+    body = {"fingerprint": fp.to_json(), **extra, "owner": owner}
+    same = old is not None and (old.get("fingerprint") or {}).get("hash") == fp.hash
+    body["claim_id"] = old.get("claim_id") if same and old.get("claim_id") else owner["token"]
+    data = json.dumps(body, sort_keys=True, default=str).encode()
+    if old is None:
+        if not storage.write_bytes_atomic(uri, data, exclusive=True) and \
+                ((read_json(uri) or {}).get("owner") or {}).get("token") != owner["token"]:  # not our retried PUT
+            raise ConcurrentRunError(f"{storage.redact(place)} was claimed by a concurrent run "
+                                     f"({_who(read_json(uri))}); wait for it, then rerun (it resumes or skips)")
+    else:
+        storage.write_bytes_atomic(uri, data)
+    _HELD[storage.canonical(place)] = owner["token"]
+    check_claim(place, body)
+    return body
+
+
+def check_claim(place: str, claim: dict | None = None) -> None:
+    """Raise ``ConcurrentRunError`` if the claim this process wrote on ``place`` (or ``claim``, as
+    returned by ``write_claim``) is no longer there (a concurrent run overwrote it: a store without
+    create-if-absent, or a concurrent resume)."""
+    token = claim["owner"]["token"] if claim else _HELD.get(storage.canonical(place))
+    if token is None:
+        return
+    now = read_claim(place)
+    if ((now or {}).get("owner") or {}).get("token") != token:
+        _HELD.pop(storage.canonical(place), None)
+        raise ConcurrentRunError(f"{storage.redact(place)} was taken over by a concurrent run ({_who(now)}) "
+                                 f"while this one ran: this run's output is not recorded")
+
+
+def update_record(place: str, info: dict, claim: dict | None = None) -> dict:
+    """Merge ``info`` into ``place/_DONE.json`` (which the stage itself may have written) and publish it,
+    if this process's claim on ``place`` (or ``claim``) still holds (``check_claim``)."""
+    check_claim(place, claim)
     rec = storage.read_done(place) or {}
     rec.update(info)
     storage.mark_done(place, rec)

@@ -54,8 +54,8 @@ import pyarrow as pa
 from workflows import storage
 from workflows.clips import (ERROR_SCHEMA, clip_id, clip_schema, data_key, digest, frames_to_column,
                              shard_name, video_id)
-from workflows.stage import (Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard,
-                             maybe_crash)
+from workflows.stage import (Progress, StageError, check_output, claim_output, done_shards, ensure_ray,
+                             mark_shard, maybe_crash)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -463,6 +463,7 @@ def run_ingest(cfg, quiet: bool = False) -> IngestSummary:
         for k, v in info["errors"].items():
             summary.errors[k] = summary.errors.get(k, 0) + v
     summary.seconds = time.perf_counter() - t0
+    check_output(out, "ingest", fingerprint)  # a concurrent run with other settings took the prefix: refuse
     if summary.shards_written or not storage.is_done(out):
         storage.mark_done(out, {k: v for k, v in asdict(summary).items() if k != "seconds"})
     progress.line(str(summary))

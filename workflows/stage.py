@@ -22,18 +22,33 @@ class StageError(RuntimeError):
 
 
 def claim_output(out: str, stage: str, fingerprint: dict) -> bool:
-    """Write ``out/_<stage>.json`` or check the existing one. Returns True if it already existed."""
+    """Write ``out/_<stage>.json`` or check the existing one. Returns True if it already existed.
+
+    Create-if-absent where the store allows it (local ``O_EXCL``-style link, S3 ``IfNoneMatch``): of
+    two concurrent runs with different fingerprints one creates it and the other is refused. Runs with
+    the same fingerprint share the prefix safely (every object they write has the same bytes). On a
+    store that ignores ``IfNoneMatch`` both writes "succeed": the claim is read back, and checked
+    again before the stage publishes ``_DONE.json`` (``check_output``), so a lost race is refused."""
     uri = storage.join(out, f"_{stage}.json")
     data = json.dumps(fingerprint, sort_keys=True, default=str).encode()
-    if storage.write_bytes_atomic(uri, data, exclusive=True):
-        return False
-    old = json.loads(storage.read_bytes(uri))
-    if old != json.loads(data):
-        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != json.loads(data).get(k))
+    existed = not storage.write_bytes_atomic(uri, data, exclusive=True)
+    check_output(out, stage, fingerprint)
+    return existed
+
+
+def check_output(out: str, stage: str, fingerprint: dict) -> None:
+    """Raise ``StageError`` unless ``out/_<stage>.json`` holds ``fingerprint``."""
+    uri = storage.join(out, f"_{stage}.json")
+    want = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    try:
+        old = json.loads(storage.read_bytes(uri))
+    except storage.StorageNotFound:
+        raise StageError(f"{storage.redact(out)}: the {stage} claim disappeared while this run held it") from None
+    if old != want:
+        diff = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
         raise StageError(
             f"{storage.redact(out)} already holds a {stage} output made from other inputs or settings "
             f"(differs in: {', '.join(diff)}); use a new output prefix or delete the old one")
-    return True
 
 
 def done_shards(out: str) -> dict[int, dict]:

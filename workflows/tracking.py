@@ -136,9 +136,14 @@ class Tracker:
             return None
 
     def _find_existing(self, experiment_id: str) -> str | None:
-        """A run of the same name not yet finished: it was started before the first checkpoint."""
+        """A run of the same name not yet finished: it was started before the first checkpoint. With an
+        ``evatok.claim`` tag (the stage claim's id, kept across resumes) only a run of that claim: never
+        someone else's RUNNING run of the same name on a shared tracking server."""
+        flt = f"tags.`evatok.run` = '{self.run_name}' and attributes.status != 'FINISHED'"
+        if self.tags.get("evatok.claim"):
+            flt += f" and tags.`evatok.claim` = '{self.tags['evatok.claim']}'"
         runs = self._mlflow.search_runs(
-            [experiment_id], filter_string=f"tags.`evatok.run` = '{self.run_name}' and attributes.status != 'FINISHED'",
+            [experiment_id], filter_string=flt,
             max_results=1, order_by=["attributes.start_time DESC"], output_format="list")
         return runs[0].info.run_id if runs else None
 

@@ -166,7 +166,8 @@ def train_worker(config: dict) -> dict:
             state = ckpt.load(d, rank, engine, d_engine, gen)
 
     tracker = Tracker(config["tracking_uri"], cfg.mlflow.experiment, config["run_name"], enabled=rank == 0,
-                      system_metrics=cfg.mlflow.system_metrics)
+                      system_metrics=cfg.mlflow.system_metrics,
+                      tags={"evatok.claim": config["claim_id"]} if config.get("claim_id") else None)
     if rank == 0:
         state.mlflow_run_id = tracker.start(state.mlflow_run_id)
         if resumed is None:
@@ -493,7 +494,7 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
         raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {t.schedule!r}")
     if decision.fresh:  # the old record goes first: from now on the claim says what this place holds
         storage.remove(storage.join(place, storage.DONE_MARKER))
-    F.write_claim(place, fp, ray_run=ray_run)
+    claim = F.write_claim(place, fp, ray_run=ray_run)  # exclusive: a concurrent run of this name fails here
     ray = ensure_ray()
     import ray.train
 
@@ -504,6 +505,7 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
         "data_uri": uri, "data_digest": fp.inputs["data"]["digest"], "rows": rows, "per_epoch": per_epoch,
         "classes": classes, "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
         "upstream_tags": _upstream_tags(cfg, parent_run_id),
+        "claim_id": claim["claim_id"],  # scopes the MLflow run this one may reopen (a resume: the same claim)
     }
     trainer = TorchTrainer(
         train_worker,
@@ -528,6 +530,7 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
     _check_curve(cfg, res.metrics)
     res.export_sha256 = storage.sha256(res.export_uri)
     res.seconds = time.perf_counter() - t0
+    F.check_claim(place)  # a concurrent takeover of this place: do not record this run as its output
     storage.mark_done(place, {"steps": res.steps, "export_uri": res.export_uri, "export_sha256": res.export_sha256,
                               "mlflow_run_id": res.mlflow_run_id, "checkpoint_path": ckpt_path,
                               "metrics": res.metrics, "ray_run": ray_run, "fingerprint": fp.to_json(),
