@@ -201,3 +201,27 @@ def test_generate_command_writes_samples_and_logs_a_run(models, tmp_path, monkey
     assert run.data.tags[f"evatok.{G.PROTOCOL}feature_net_sha256"] == _sha(models["classifier"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "generate")}
     assert {"generate/grid.png", "generate/tokens.parquet", "generate/metrics.json"} <= arts
+
+
+def test_a_sample_that_is_not_well_formed_is_counted_but_not_measured(models, tmp_path):
+    """The rate is measured, not assumed: a sample marked not well-formed lowers it, gets no mp4, an
+    assignment of -1 in the table, and stays out of the token and classifier figures."""
+    from evatok.assignment import AssignmentSpace
+    from evatok.export import load_model
+
+    ar, tok = load_model(models["ar"]), load_model(models["tokenizer"])
+    s = G.sample(ar, tok, G.class_labels(len(CLASSES), 2), seed=5, batch_size=6)
+    kept = s.total_tokens[1:].float().mean()
+    s.well_formed[0] = False
+    s.counts[0] = 0
+    s.codes[0] = torch.zeros(0, dtype=torch.long)
+    real, names = _real(1)
+    m = G.generation_metrics(ar, tok, classifier=models["classifier"], real_videos=real, real_labels=names, samples=s)
+    assert m["gen/well_formed_rate"] == pytest.approx(5 / 6) and m["gen/mean_tokens"] == pytest.approx(float(kept))
+    assert m[G.PROTOCOL + "well_formed"] == 5 and m[G.PROTOCOL + "classifier_acc_samples"] == 5
+    out = G.write_samples(s, str(tmp_path / "g"), 8.0, CLASSES, AssignmentSpace(tok.config.counts, 4))
+    rows = pq.read_table(out["tokens"]).to_pylist()
+    assert len(out["files"]) == 5 and rows[0]["assignment"] == -1 and rows[0]["file"] == "" and not rows[0]["well_formed"]
+    again = G.write_samples(G.Samples(s.labels[:2], s.well_formed[:2], s.counts[:2], s.codes[:2], s.videos[:2]),
+                            str(tmp_path / "g"), 8.0, CLASSES)
+    assert len(list((tmp_path / "g" / "videos").iterdir())) == len(again["files"]) == 1  # no stale files

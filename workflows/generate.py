@@ -39,7 +39,7 @@ PROTOCOL = "gen/protocol/"
 
 
 # ============================================================================ models and places
-def load_model(src, what: str):
+def load_with_digest(src, what: str):
     """(model, SHA-256 of its file) from a URI, or (model, "") for an already loaded module."""
     if isinstance(src, torch.nn.Module):
         return src.eval(), str(getattr(src, "export_sha256", ""))
@@ -197,6 +197,9 @@ def write_samples(samples: Samples, out_uri: str, fps: float, class_names: list[
     from evatok.synthetic import write_mp4
 
     files = []
+    videos = storage.join(out_uri, "videos")
+    if storage.exists(videos):  # samples of an earlier run (maybe more of them) must not linger
+        storage.remove(videos, recursive=True)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(len(samples.labels)):
             if not bool(samples.well_formed[i]):
@@ -252,15 +255,16 @@ def read_real_clips(uri: str, max_clips: int) -> tuple[np.ndarray, list[str], di
 
 # ============================================================================ metrics
 @torch.no_grad()
-def _features(net, videos: np.ndarray, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D], predicted class [N]) of uint8 clips."""
+def _features(net, videos: np.ndarray, batch: int = 32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D], predicted class [N]) of uint8 clips, on the CPU."""
     from evatok.video import to_tensor
 
+    net = net.to(device).eval()
     feats, preds = [], []
     for i in range(0, len(videos), batch):
-        f = net.features(to_tensor(videos[i:i + batch]))
-        feats.append(f)
-        preds.append(net.head(f).argmax(-1))
+        f = net.features(to_tensor(videos[i:i + batch]).to(device))
+        feats.append(f.cpu())
+        preds.append(net.head(f).argmax(-1).cpu())
     return torch.cat(feats), torch.cat(preds)
 
 
@@ -288,8 +292,8 @@ def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = Non
     given) and the protocol ``gen/protocol/<key>`` (numbers and strings). No classifier and no I3D:
     only the token figures; a metric never silently uses another feature network.
     """
-    ar, ar_sha = load_model(ar, "AR")
-    tokenizer, tok_sha = load_model(tokenizer, "tokenizer")
+    ar, ar_sha = load_with_digest(ar, "AR")
+    tokenizer, tok_sha = load_with_digest(tokenizer, "tokenizer")
     class_names = [str(c) for c in (getattr(ar, "export_meta", {}) or {}).get("classes", [])] \
         or [str(i) for i in range(ar.config.num_classes)]
     if samples is None:
@@ -333,7 +337,7 @@ def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = Non
         raise ValueError(f"real clips {list(real_videos.shape[1:])} and samples {list(gen_videos.shape[1:])} "
                          "differ in shape: the features would not compare like with like")
     if classifier is not None:
-        net, clf_sha = load_model(classifier, "classifier")
+        net, clf_sha = load_with_digest(classifier, "classifier")
         cc = net.config
         if (cc.frames, cc.size) != (tc.frames, tc.size):
             raise ValueError(f"the classifier was trained on {cc.frames}x{cc.size}x{cc.size} clips, the samples are "
@@ -343,7 +347,7 @@ def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = Non
         out.update({p + "feature_net": f"evatok.classifier (width {cc.width}, depth {cc.depth})",
                     p + "feature_net_sha256": clf_sha, p + "feature_dim": float(cc.feature_dim),
                     p + "feature_net_run_id": str((getattr(net, "export_meta", {}) or {}).get("mlflow_run_id", ""))})
-        real_f, real_pred = _features(net, real_videos)
+        real_f, real_pred = _features(net, real_videos, device=device)
         known = [i for i, c in enumerate(real_labels or []) if c in index]
         if known:
             tgt = torch.tensor([index[real_labels[i]] for i in known])
@@ -351,7 +355,7 @@ def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = Non
         if len(real_f) >= 4:  # the floor: two halves of the real clips (every other clip)
             out["gen/frechet_classifier_real_halves"] = _frechet(real_f[0::2], real_f[1::2])
         if len(gen_videos):
-            gen_f, gen_pred = _features(net, gen_videos)
+            gen_f, gen_pred = _features(net, gen_videos, device=device)
             known = [i for i, c in enumerate(gen_names) if c in index]
             out[p + "classifier_acc_samples"] = float(len(known))
             if known:
@@ -400,19 +404,20 @@ def run_generate(cfg: Config, *, parent_run_id: str | None = None) -> GenerateRe
     t0 = time.perf_counter()
     g = cfg.generate
     p = places(cfg)
-    ar, ar_sha = load_model(p["ar"], "AR")
-    tokenizer, tok_sha = load_model(p["tokenizer"], "tokenizer")
+    ar, ar_sha = load_with_digest(p["ar"], "AR")
+    tokenizer, tok_sha = load_with_digest(p["tokenizer"], "tokenizer")
     class_names = [str(c) for c in (getattr(ar, "export_meta", {}) or {}).get("classes", [])] or [str(i) for i in range(ar.config.num_classes)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     samples = sample(ar, tokenizer, class_labels(ar.config.num_classes, g.samples_per_class), cfg_scale=g.cfg_scale,
-                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed, batch_size=g.batch_size)
+                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed, batch_size=g.batch_size,
+                     device=device)
     space = AssignmentSpace(tokenizer.config.counts, tokenizer.config.num_blocks)
     written = write_samples(samples, p["output"], mp4_fps(cfg), class_names, space)
     settings = metric_settings(cfg)
     if settings["classifier"] is None:
         print("generate: no classifier (evatok train classifier, or generate.classifier=...): "
               "reporting the token figures only", flush=True)
-    metrics = generation_metrics(ar, tokenizer, samples=samples, **settings)
-    metrics[PROTOCOL + "ar_sha256"], metrics[PROTOCOL + "tokenizer_sha256"] = ar_sha, tok_sha
+    metrics = generation_metrics(ar, tokenizer, samples=samples, device=device, **settings)
     summary = {"ar": storage.redact(p["ar"]), "tokenizer": storage.redact(p["tokenizer"]),
                "classes": class_names, "metrics": metrics}
     storage.write_bytes_atomic(storage.join(p["output"], "metrics.json"),
