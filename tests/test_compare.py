@@ -39,6 +39,10 @@ def test_curve_math_by_hand():
     assert f["tokens saved vs uniform (%)"] == pytest.approx(100 * (1 - 100 / 128))
     assert f["budget psnr @ 128 tokens"] == pytest.approx(23.5 + 5.3 * 78 / 150)
     assert f["router top-1"] is None and f["gen: mean tokens"] is None  # missing, shown as "–"
+    # the evaluate stage's spelling: gen/<AR model>/<metric>, the first AR model in name order
+    e.metrics.update({"gen/ar-b/mean_tokens": 300.0, "gen/ar-a/mean_tokens": 200.0, "gen/ar-a/protocol/samples": 32})
+    f = C.figures(e, "psnr")
+    assert f["gen: mean tokens"] == 200.0 and f["gen: samples"] == 32
 
 
 def test_compare_finds_two_runs_on_a_server_and_draws_both_curves(mlflow_server, tmp_path):

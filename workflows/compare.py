@@ -14,8 +14,8 @@ What is read (docs/compare.md lists the names, so stages can log them):
   points of the curve ``uniform``, and ``router`` is a curve of one point.
 - router figures: ``eval/router/top1``, ``top5``, ``reward_percentile`` and
   ``eval/best_uniform/reward_percentile`` (else the router training run's ``val/top1`` ...).
-- generation: ``gen/*`` (``workflows.generate.generation_metrics``), with the classifier file's digest
-  from the ``evatok.gen/protocol/feature_net_sha256`` tag.
+- generation: ``gen/*`` (``workflows.generate.generation_metrics``; the evaluate stage logs them as
+  ``gen/<AR model>/*``), with the classifier file's digest from the ``evatok.gen/protocol/feature_net_sha256`` tag.
 - wall time: the run's end minus start.
 
 Computed here from the curve points: the uniform curve's quality at the router's mean tokens
@@ -171,6 +171,22 @@ def tokens_at(points: list[tuple[float, float, str]], y: float) -> float | None:
     return None
 
 
+def lookup(values: dict, names: list[str], number: bool = True):
+    """The first of ``names`` present; a ``gen/...`` name also matches ``gen/<AR model>/...`` (how the
+    evaluate stage logs the generation metrics of each AR model it is given; the first in name order)."""
+    for n in names:
+        if n in values:
+            return float(values[n]) if number else values[n]
+    for n in names:
+        head, sep, rest = n.partition("gen/")
+        if sep and head in ("", "evatok."):
+            hits = sorted(k for k in values if k.startswith(head + "gen/") and k.count("/") == n.count("/") + 1
+                          and k.endswith("/" + rest))
+            if hits:
+                return float(values[hits[0]]) if number else values[hits[0]]
+    return None
+
+
 def figures(e: Entry, quality: str = "psnr", budgets: list[float] | None = None) -> dict[str, float | str | None]:
     """The key figures of one entry (row label -> value; None = missing)."""
     m = e.metrics
@@ -194,8 +210,8 @@ def figures(e: Entry, quality: str = "psnr", budgets: list[float] | None = None)
             if len(pts) > 1 or name == "uniform":
                 rows[f"{name} {quality} @ {b:g} tokens"] = interp(pts, b)
     for label, names in READ:
-        rows[label] = next((float(m[n]) for n in names if n in m), None)
-    sha = e.tags.get("evatok.gen/protocol/feature_net_sha256")
+        rows[label] = lookup(m, names)
+    sha = lookup(e.tags, ["evatok.gen/protocol/feature_net_sha256"], number=False)
     rows["gen: classifier file"] = sha[:12] if sha else None
     return rows
 
