@@ -166,15 +166,16 @@ class EvaluateConfig:
     calibration_clips: int = 512  # budgets: lambda fitted on up to this many clips of training videos
     budgets: tuple[float, ...] = ()  # mean tokens per clip for the router at a budget; () -> the totals
                                 # of the inner uniform assignments (uniform comparisons at equal tokens)
-    thresholds: tuple[float, ...] = ()  # block-MSE thresholds of the threshold baseline; () -> swept
-                                # around the held-out block MSE of every uniform count
+    thresholds: tuple[float, ...] = ()  # block-MSE thresholds of the threshold baseline; () -> 9, the
+                                # 5%..95% quantiles of the uniform reconstructions' held-out block MSEs
     batch_size: int = 8
     grid_clips: int = 4         # clips shown in the reconstruction grid
     lpips_backbone: str | None = None  # VGG16/AlexNet ImageNet weights file: adds LPIPS
     lpips_net: str = "vgg"
     i3d: str | None = None      # TorchScript I3D file: adds rFVD
-    ar: str = ""                # an exported AR model: generation metrics (workflows.generate.generation_metrics)
-    classifier: str = ""        # the feature network for generation metrics
+    ar: str = ""                # exported AR model(s), comma-separated: their generation metrics
+                                # (workflows.generate.generation_metrics; `evatok run`: work_dir/ar/ar.pt)
+    classifier: str = ""        # the feature network of the generation metrics ("" -> generate's)
 
 
 @dataclass
