@@ -92,16 +92,16 @@ def test_evaluate_table_plots_and_mlflow(micro_run, tmp_path):
     with torch.no_grad():
         recon = tok.reconstruct(x, torch.tensor([8, 8, 8, 8])).clamp(-0.5, 0.5)
     mse = ((recon - x) ** 2).mean((1, 3, 4))  # [N, T]
-    assert by[("uniform", "k8")]["mean_tokens"] == 32
-    assert abs(by[("uniform", "k8")]["psnr"] - float((-10 * torch.log10(mse)).mean())) < 1e-3
-    assert by[("uniform", "k16")]["psnr"] > by[("uniform", "k1")]["psnr"]   # the briefly trained curve rises
+    assert by[("uniform", "8")]["mean_tokens"] == 32
+    assert abs(by[("uniform", "8")]["psnr"] - float((-10 * torch.log10(mse)).mean())) < 1e-3
+    assert by[("uniform", "16")]["psnr"] > by[("uniform", "1")]["psnr"]   # the briefly trained curve rises
     # labels are the reward argmax: percentile 100; the router row has top-1 / top-5 and a percentile
     assert abs(by[("labels", "")]["reward_percentile"] - 100.0) < 1e-6
     assert by[("best_uniform", "")]["reward_percentile"] <= 100.0
     r = by[("router", "")]
     assert 0 <= r["top1"] <= r["top5"] <= 1 and 0 <= r["reward_percentile"] <= 100
     # budgets: lambda recorded, calibrated on training videos close to the target; more budget, more tokens
-    b16, b32 = by[("budget", "B16")], by[("budget", "B32")]
+    b16, b32 = by[("budget", "16")], by[("budget", "32")]
     assert abs(b16["calibration_mean_tokens"] - 16) / 16 < 0.1 and b16["lambda"] > b32["lambda"]
     assert b16["mean_tokens"] <= b32["mean_tokens"]
     # thresholds: a looser threshold never costs more tokens
@@ -118,7 +118,7 @@ def test_evaluate_table_plots_and_mlflow(micro_run, tmp_path):
     assert csv[0].startswith("method,setting,mean_tokens") and len(csv) == len(t) + 1
     # MLflow: metrics, protocol tags, artifacts on the stage's run
     run = lin.client().get_run(run_id)
-    assert run.data.metrics["eval/uniform_k8/psnr"] == pytest.approx(by[("uniform", "k8")]["psnr"])
+    assert run.data.metrics["eval/uniform:8/psnr"] == pytest.approx(by[("uniform", "8")]["psnr"])
     assert run.data.metrics["eval/router/top1"] == pytest.approx(r["top1"])
     assert run.data.tags["evatok.eval.protocol.split_digest"] == t[0]["protocol.split_digest"]
     arts = {a.path for a in lin.client().list_artifacts(run_id, "evaluate")}
@@ -135,3 +135,38 @@ def test_threshold_defaults_and_uniform_interpolation():
     curve = [(32.0, 20.0), (64.0, 22.0), (128.0, 26.0)]
     assert interp_uniform(curve, 64.0) == 22.0 and interp_uniform(curve, 90.5) == pytest.approx(24.0, abs=0.01)
     assert tokens_for(curve, 24.0) == pytest.approx(90.51, abs=0.01) and tokens_for(curve, 30.0) != tokens_for(curve, 30.0)
+
+
+@pytest.mark.ray
+def test_tokenize_and_evaluate_stages_in_the_runner(ray_local, micro_run, tmp_path):
+    """`evatok tokenize` / `evatok evaluate` as stages of the runner: fingerprinted, recorded with their MLflow
+    runs (evaluate's artifacts on its run), skipped when rerun with the same inputs, refused when made otherwise."""
+    import mlflow
+
+    from workflows.fingerprint import StaleOutputError
+    from workflows.run import Runner, resolve
+
+    root, data, tok, labels = micro_run
+    wd = tmp_path / "w"
+    over = [f"work_dir={wd}", "name=micro", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.experiment=micro", "data.size=32",
+            *[f"{s}.{k}={v}" for s in ("tokenize", "evaluate") for k, v in (
+                ("clips", data), ("tokenizer", root / "final.pt"), ("router", root / "router.pt"),
+                ("labels", labels), ("val_every", 3))],
+            "tokenize.mode=budget:24", "evaluate.max_clips=6", "evaluate.budgets=[24]", "evaluate.grid_clips=2",
+            "tokenize.num_actors=1"]
+    out = Runner(resolve(None, over), parent=False).run(["tokenize", "evaluate"])
+    assert [o.action for o in out] == ["ran", "ran"], out
+    rec_t, rec_e = storage.read_done(str(wd / "codes")), storage.read_done(str(wd / "eval"))
+    assert rec_t["fingerprint"]["hash"] and rec_t["mode"] == "budget:24" and rec_t["lambda"] == rec_t["lam"]
+    assert rec_e["fingerprint"]["inputs"]["labels"]["digest"] and rec_e["mlflow_run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(rec_e["mlflow_run_id"])
+    assert run.data.tags["evatok.stage"] == "evaluate" and "eval/router/psnr" in run.data.metrics
+    assert "evaluate/quality_cost.png" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    # the AR model's default data is this stage's codes/
+    assert resolve(None, over).models["ar"].train.data == str(wd / "codes" / "codes")
+    again = Runner(resolve(None, over), parent=False).run(["tokenize", "evaluate"])
+    assert [o.action for o in again] == ["skipped", "skipped"]
+    with pytest.raises(StaleOutputError, match="tokenize.mode"):
+        Runner(resolve(None, over[:-5] + ["tokenize.mode=router"] + over[-4:]), parent=False).run(["tokenize"])

@@ -155,7 +155,8 @@ def test_plan_defaults_everything_under_work_dir(tmp_path, monkeypatch):
                                        f"{plan.base.label.w_l:g}"
     assert m["final"].train.router == m["ar"].train.router == str(tmp_path / "elsewhere/r.pt")
     assert m["ar"].train.tokenizer == f"{w}/final/final.pt"
-    assert all(c.train.data == f"{w}/data" for c in m.values())
+    assert all(c.train.data == f"{w}/data" for n, c in m.items() if n != "ar")
+    assert m["ar"].train.data == f"{w}/codes/codes"  # the AR model trains on the tokenize stage's codes
     with pytest.raises(ConfigError, match="per-model outputs"):
         resolve(None, ["work_dir=w", "train.output=one.pt"])
     with pytest.raises(ConfigError, match="both be exported"):

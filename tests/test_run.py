@@ -279,7 +279,8 @@ def test_pipeline_end_to_end_on_s3_with_lineage_kill_and_rerun(user_dir, s3_buck
     # each stage's record: fingerprint, outputs with digests, MLflow run id
     recs = {"ingest": storage.read_done(f"{wd}/data"),
             "label": storage.read_done(f"{wd}/label/labels/{LABELS}"),
-            **{m: storage.read_done(f"{wd}/train/tiny-{m}") for m in MODELS}}
+            **{m: storage.read_done(f"{wd}/train/tiny-{m}") for m in MODELS},
+            "tokenize": storage.read_done(f"{wd}/codes"), "evaluate": storage.read_done(f"{wd}/eval")}
     for name, rec in recs.items():
         assert rec and rec["fingerprint"]["hash"] and rec["mlflow_run_id"], (name, rec)
     for m in MODELS:
@@ -292,7 +293,9 @@ def test_pipeline_end_to_end_on_s3_with_lineage_kill_and_rerun(user_dir, s3_buck
     produced = {(o["uri"], o["digest"]): (name, rec["mlflow_run_id"])
                 for name, rec in recs.items() for o in rec["outputs"].values()}
     expect = {"ingest": {"videos"}, "proxy": {"data"}, "label": {"clips", "proxy"}, "router": {"data", "labels"},
-              "final": {"data", "router"}, "ar": {"data", "router", "tokenizer"}}
+              "final": {"data", "router"}, "ar": {"data", "router", "tokenizer"},
+              "tokenize": {"clips", "tokenizer", "router"},
+              "evaluate": {"clips", "tokenizer", "router", "labels", "ar"}}
     parents = set()
     for name, rec in recs.items():
         run = client.get_run(rec["mlflow_run_id"])

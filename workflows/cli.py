@@ -134,9 +134,10 @@ def synth(
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg, force: bool = ForceOpt,
         debug: bool = DebugOpt, verbose: bool = VerboseOpt) -> None:
-    """The whole pipeline: ingest, train proxy, label, train router, final, AR; what is up to date is skipped.
+    """The whole pipeline: ingest, train proxy, label, train router, final, tokenize, AR, evaluate; what is up
+    to date is skipped.
 
-    Outputs default to work_dir/{videos,data,proxy,label,router,final,ar}; with no ingest.source a synthetic
+    Outputs default to work_dir/{videos,data,proxy,label,router,final,codes,ar,eval}; with no ingest.source a synthetic
     dataset is written first. Each stage is one MLflow run under one parent run."""
     import time
 
@@ -232,6 +233,22 @@ def train(
         _guarded(go, debug)
         return
     _stages(config, overrides, [model], force=force, debug=debug, verbose=verbose, parent=False, target=model)
+
+
+@app.command()
+def tokenize(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+             force: bool = ForceOpt, debug: bool = DebugOpt, verbose: bool = VerboseOpt) -> None:
+    """Each clip's assignment (tokenize.mode: router | uniform:<count> | labels | budget:<mean tokens>)
+    encoded by the final tokenizer into codes/, which `train ar` reads (docs/evaluate.md)."""
+    _stages(config, overrides, ["tokenize"], force=force, debug=debug, verbose=verbose, parent=False)
+
+
+@app.command()
+def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+             force: bool = ForceOpt, debug: bool = DebugOpt, verbose: bool = VerboseOpt) -> None:
+    """Held-out reconstruction quality against mean tokens: uniform, router, budgets, labels (oracle),
+    threshold baseline; the table, plots and MLflow run (docs/evaluate.md)."""
+    _stages(config, overrides, ["evaluate"], force=force, debug=debug, verbose=verbose, parent=False)
 
 
 @app.command()

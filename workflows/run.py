@@ -1,6 +1,7 @@
 """``evatok run`` and ``evatok status``: the pipeline as a list of stages, each skipped by content.
 
-    evatok run -c configs/tiny.yaml                 # videos -> clips -> proxy -> labels -> router -> final -> AR
+    evatok run -c configs/tiny.yaml                 # videos -> clips -> proxy -> labels -> router -> final
+                                                    #   -> codes -> AR -> evaluation
     evatok run -c configs/tiny.yaml proxy.steps=50  # any key=value override; a changed stage is refused...
     evatok run -c configs/tiny.yaml --force         # ...unless --force: it and what depends on it rerun
     evatok status -c configs/tiny.yaml              # done / partial / missing / stale, outputs, MLflow runs
@@ -10,7 +11,8 @@ config, where it records itself, its fingerprint, what it runs). Every stage:
 
 - reads its inputs from fixed places under ``work_dir`` unless a key says otherwise (``resolve``):
   ``videos/`` (synthetic, when there is no ``ingest.source``), ``data/``, ``proxy/``, ``label/``
-  (labels in ``label/labels/<metric>-wq<w_q>-wl<w_l>``), ``router/``, ``final/``, ``ar/``;
+  (labels in ``label/labels/<metric>-wq<w_q>-wl<w_l>``), ``router/``, ``final/``, ``codes/`` (the AR
+  model's ``train.data`` defaults to ``codes/codes``), ``ar/``, ``eval/``;
 - is fingerprinted (``workflows.fingerprint``): resolved config + content digests of its inputs. Same
   fingerprint, intact outputs: skipped, no Ray, no MLflow run. Interrupted: resumed. Made otherwise:
   refused with what changed, or with ``--force`` run afresh, so a changed stage reruns itself and
@@ -124,10 +126,18 @@ def resolve(recipe, overrides=(), target: str | None = None) -> Plan:
     lc.proxy = lc.proxy or exports["proxy"]
     lc.output = lc.output or storage.join(wd, "label")
     labels = labels_uri(lc)
+    for sec, place in ((base.tokenize, "codes"), (base.evaluate, "eval")):  # read the final tokenizer + router
+        sec.clips, sec.output = sec.clips or base.ingest.output, sec.output or storage.join(wd, place)
+        sec.tokenizer, sec.router = sec.tokenizer or exports["final"], sec.router or exports["router"]
+        sec.labels = sec.labels or labels
+        sec.val_every = models["final"].train.val_every if sec.val_every is None else sec.val_every
+    base.evaluate.ar = base.evaluate.ar or exports["ar"]  # generation metrics once the AR model exists
+    from workflows.tokenize import codes_uri
+
     for m, c in models.items():
         c.ingest, c.label = copy.deepcopy(base.ingest), copy.deepcopy(lc)
         t = c.train
-        t.data = t.data or base.ingest.output
+        t.data = t.data or (codes_uri(base.tokenize.output) if m == "ar" else base.ingest.output)
         t.output = exports[m]
         if m == "router":
             t.labels = t.labels or labels
@@ -347,7 +357,7 @@ class TrainStage(Stage):
                       "ar": "AR generator"}[model]
         self.role_stage = {"data": "ingest", "val_data": "ingest", **{
             "proxy": {}, "router": {"labels": "label"}, "final": {"router": "router"},
-            "ar": {"router": "router", "tokenizer": "final"}}[model]}
+            "ar": {"data": "tokenize", "router": "router", "tokenizer": "final"}}[model]}
 
     def config(self, plan):
         return plan.models[self.model]
@@ -393,9 +403,89 @@ class TrainStage(Stage):
         return step, cfg.train.steps
 
 
-#: The chain, in order. Later stages (tokenize, evaluate) join by appending to this list.
+class TokenizeStage(Stage):
+    """Every clip's assignment (``tokenize.mode``) encoded by the final tokenizer: ``codes/`` for ``train ar``."""
+    name, title = "tokenize", "assignments -> codes"
+    role_stage = {"clips": "ingest", "tokenizer": "final", "router": "router", "labels": "label"}
+
+    def place(self, cfg):
+        return storage.canonical(cfg.tokenize.output)
+
+    def output(self, cfg):
+        from workflows.tokenize import codes_uri
+
+        return codes_uri(cfg.tokenize.output)
+
+    def fingerprint(self, cfg, plan):
+        from workflows.tokenize import stage_fingerprint
+
+        return stage_fingerprint(cfg)
+
+    def clear(self, cfg):
+        from workflows.tokenize import clear
+
+        clear(self.place(cfg))
+
+    def execute(self, cfg, ctx):
+        from workflows.tokenize import run_tokenize
+
+        s = run_tokenize(cfg, quiet=not ctx.verbose)
+        metrics = {"clips": s.clips, "error_rows": s.errors, "mean_tokens": s.mean_tokens, "shards": s.shards}
+        if s.lam is not None:
+            metrics["lambda"] = s.lam
+        return Executed(f"{s.clips} clips encoded ({s.mode}), {s.mean_tokens:.1f} tokens per clip, {s.errors} error rows",
+                        {"codes": F.dataset_input(self.output(cfg))}, metrics, record={"mode": s.mode, "lambda": s.lam})
+
+    def progress(self, cfg, fp):
+        from workflows.label import clips_prefix
+
+        try:
+            total = len(storage.list_parquet(clips_prefix(cfg.tokenize.clips)))
+        except storage.StorageError:
+            total = None
+        return _count(storage.join(cfg.tokenize.output, "_shards")), total
+
+    def config_tree(self, cfg):
+        d = to_dict(cfg)
+        return {k: d[k] for k in ("name", "work_dir", "data", "tokenize")}
+
+
+class EvaluateStage(Stage):
+    """Held-out reconstruction quality against mean tokens (``workflows.evaluate``): table, plots, MLflow."""
+    name, title = "evaluate", "quality against tokens, held out"
+    unit = "files"
+    role_stage = {"clips": "ingest", "tokenizer": "final", "router": "router", "labels": "label", "ar": "ar"}
+
+    def place(self, cfg):
+        return storage.canonical(cfg.evaluate.output)
+
+    def fingerprint(self, cfg, plan):
+        from workflows.evaluate import stage_fingerprint
+
+        return stage_fingerprint(cfg)
+
+    def clear(self, cfg):
+        from workflows.evaluate import clear
+
+        clear(self.place(cfg))
+
+    def execute(self, cfg, ctx):
+        from workflows.evaluate import run_evaluate
+
+        r = run_evaluate(cfg, run_id=ctx.run_id)
+        head = {k.split("/", 1)[1]: v for k, v in r.metrics.items()
+                if k.startswith(("eval/router/", "eval/labels/")) and k.endswith(("/psnr", "/mean_tokens"))}
+        return Executed(r.summary, {"metrics": F.file_input(r.files["metrics.parquet"])},
+                        {"clips": r.protocol["clips"], **head})
+
+    def config_tree(self, cfg):
+        d = to_dict(cfg)
+        return {k: d[k] for k in ("name", "work_dir", "data", "evaluate", "generate")}
+
+
+#: The chain, in order. A new stage joins by being added to this list.
 PIPELINE: list[Stage] = [IngestStage(), TrainStage("proxy"), LabelStage(), TrainStage("router"),
-                         TrainStage("final"), TrainStage("ar")]
+                         TrainStage("final"), TokenizeStage(), TrainStage("ar"), EvaluateStage()]
 
 
 def stage_names() -> list[str]:

@@ -366,3 +366,37 @@ def run_tokenize(cfg, quiet: bool = False) -> TokenizeSummary:
                                 "codes": codes_uri(out), "calibration": cal.to_dict() if cal else None})
     progress.line(str(summary))
     return summary
+
+
+# ----------------------------------------------------------------------------- pipeline stage helpers
+#: Settings that change how the stage runs, not what it writes.
+RUNTIME = frozenset({"clips", "tokenizer", "router", "labels", "output", "batch_size", "num_actors",
+                     "num_cpus_per_actor", "use_gpu", "gpus_per_actor", "max_restarts", "max_task_retries"})
+
+
+def stage_fingerprint(cfg):
+    """What the codes depend on: the mode and its settings, the clips' content, the tokenizer's bytes,
+    and the router's (router, budget) or the labels' (labels) content."""
+    from evatok.routing import parse_mode
+    from workflows import fingerprint as F
+    from workflows.label import clips_prefix
+
+    tc = cfg.tokenize
+    mode = parse_mode(tc.mode)
+    conf = F.section(tc, "tokenize", RUNTIME | ({"calibration_clips", "val_every"} if mode.kind != "budget" else set()))
+    inputs = {"clips": F.dataset_input(clips_prefix(tc.clips)), "tokenizer": F.file_input(tc.tokenizer)}
+    if mode.needs_router:
+        inputs["router"] = F.file_input(tc.router)
+    if mode.kind == "labels":
+        inputs["labels"] = F.dataset_input(tc.labels)
+    return F.Fingerprint("tokenize", conf, inputs, codes_uri(tc.output))
+
+
+def clear(out: str) -> None:
+    """``--force``: remove everything a fresh run must not reuse (the frozen lambda included)."""
+    from workflows.fingerprint import CLAIM
+
+    for part in ("_DONE.json", "_tokenize.json", "calibration.json", CLAIM):
+        storage.remove(storage.join(out, part))
+    for part in ("_shards", "codes", "errors"):
+        storage.remove(storage.join(out, part), recursive=True)
