@@ -1,6 +1,8 @@
 """Frozen encoders under bf16 and at the clip's size (tiny random VideoMAE / V-JEPA2 checkpoints, no downloads)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -10,28 +12,38 @@ from evatok.semantic import VJEPA2_IMAGE_SIZE, Aligner, SemanticDiscriminator, l
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def videomae_dir(tmp_path_factory):
-    """8 frames, 32 px, tubelet 2, patch 8 -> 4x4x4 tokens."""
-    torch.manual_seed(0)
-    cfg = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32,
-                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    d = tmp_path_factory.mktemp("videomae")
-    transformers.VideoMAEModel(cfg).save_pretrained(d)
-    return d
+def _tiny(kind: str):
+    """VideoMAE: 8 frames, 32 px, tubelet 2, patch 8 (4x4x4 tokens). V-JEPA2: a checkpoint crop size
+    (256) that is not the clips' 128, as the released V-JEPA2-L; patch 32, tubelet 2."""
+    if kind == "videomae":
+        return transformers.VideoMAEModel(transformers.VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64))
+    return transformers.VJEPA2Model(transformers.VJEPA2Config(
+        crop_size=256, patch_size=32, tubelet_size=2, frames_per_clip=8, hidden_size=48, num_hidden_layers=2,
+        num_attention_heads=4, mlp_ratio=2.0, pred_hidden_size=24, pred_num_hidden_layers=1,
+        pred_num_attention_heads=4, pred_num_mask_tokens=2))
 
 
 @pytest.fixture(scope="module")
-def vjepa2_dir(tmp_path_factory):
-    """A V-JEPA2 whose checkpoint crop size (256) is not the clips' 128, as the released V-JEPA2-L."""
-    torch.manual_seed(0)
-    cfg = transformers.VJEPA2Config(crop_size=256, patch_size=32, tubelet_size=2, frames_per_clip=8, hidden_size=48,
-                                    num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0,
-                                    pred_hidden_size=24, pred_num_hidden_layers=1, pred_num_attention_heads=4,
-                                    pred_num_mask_tokens=2)
-    d = tmp_path_factory.mktemp("vjepa2")
-    transformers.VJEPA2Model(cfg).save_pretrained(d)
-    return d
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny randomly initialised save_pretrained directories, one per supported encoder kind."""
+    out = {}
+    for kind in ("videomae", "vjepa2"):
+        torch.manual_seed(0)
+        out[kind] = tmp_path_factory.mktemp(kind)
+        _tiny(kind).save_pretrained(out[kind])
+    return out
+
+
+@pytest.fixture(scope="module")
+def videomae_dir(checkpoints):
+    return checkpoints["videomae"]
+
+
+@pytest.fixture(scope="module")
+def vjepa2_dir(checkpoints):
+    return checkpoints["vjepa2"]
 
 
 def video(b=2, t=8, s=32, seed=0):
@@ -39,9 +51,9 @@ def video(b=2, t=8, s=32, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["videomae", "vjepa2"])
-def test_frozen_encoder_runs_in_bf16(kind, videomae_dir, vjepa2_dir):
+def test_frozen_encoder_runs_in_bf16(kind, checkpoints):
     """DeepSpeed's bf16 engine casts every module, the frozen encoder too; the loop hands it float32 video."""
-    enc = load_frozen_encoder(videomae_dir if kind == "videomae" else vjepa2_dir)
+    enc = load_frozen_encoder(checkpoints[kind])
     x = video(s=enc.image_size)
     ref = enc(x).float()
     enc = enc.bfloat16()
@@ -55,9 +67,9 @@ def test_frozen_encoder_runs_in_bf16(kind, videomae_dir, vjepa2_dir):
 
 
 @pytest.mark.parametrize("kind", ["videomae", "vjepa2"])
-def test_semantic_discriminator_in_bf16_passes_gradients(kind, videomae_dir, vjepa2_dir):
+def test_semantic_discriminator_in_bf16_passes_gradients(kind, checkpoints):
     torch.manual_seed(0)
-    disc = SemanticDiscriminator(videomae_dir if kind == "videomae" else vjepa2_dir, channels=8).bfloat16()
+    disc = SemanticDiscriminator(checkpoints[kind], channels=8).bfloat16()
     x = video(s=disc.encoder.image_size).requires_grad_(True)   # float32, as the generator's output
     logits = disc(x)
     assert logits.dtype == torch.bfloat16 and logits.shape[:2] == (2, len(disc.layers))
@@ -75,9 +87,9 @@ def test_semantic_heads_in_fp32_on_a_bf16_encoder(videomae_dir):
 
 
 @pytest.mark.parametrize("kind", ["videomae", "vjepa2"])
-def test_aligner_in_bf16(kind, videomae_dir, vjepa2_dir):
+def test_aligner_in_bf16(kind, checkpoints):
     torch.manual_seed(0)
-    al = Aligner(videomae_dir if kind == "videomae" else vjepa2_dir, dec_dim=16).bfloat16()
+    al = Aligner(checkpoints[kind], dec_dim=16).bfloat16()
     s = al.encoder.image_size
     feats = torch.randn(2, 4, 4, 4, 16, dtype=torch.bfloat16, requires_grad=True)  # bf16 decoder features
     loss = al(video(s=s), feats)
