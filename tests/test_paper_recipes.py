@@ -401,6 +401,11 @@ def test_ar_recipe_routes_frame_prediction_clips_with_the_fixed_prefix(tiny_fp_m
 
     tokens, _, _ = ar.layout.build_sequence(fixed["codes"], fixed["counts"])
     assert torch.equal(tokens[:, 1:23], prefix_tokens(ar.layout, fixed["codes"], fixed["counts"], 2))
+    # a codes dataset (evatok tokenize) is taken as written: one made without the prefix is refused
+    recipe = ARRecipe(load_config(None, over + [f"train.prefix_counts={list(PREFIX)}"]), "cpu", classes=["a"])
+    assert recipe.prepare({"codes": fixed["codes"], "counts": fixed["counts"]})["counts"] is fixed["counts"]
+    with pytest.raises(ValueError, match="other counts"):
+        recipe.prepare({"codes": free["codes"], "counts": free["counts"]})
 
 
 # ----------------------------------------------------------------------------- through the real loop

@@ -352,6 +352,10 @@ class ARRecipe(Recipe):
         labels = batch.get("class_id")
         labels = None if labels is None else labels.cpu()
         if "codes" in batch:  # a codes dataset (evatok tokenize): the codes as written, no model runs
+            fixed = list(self.t.prefix_counts or [])
+            if fixed and batch["counts"][:, :len(fixed)].tolist() != [fixed] * len(batch["counts"]):
+                raise ValueError(f"train.prefix_counts={fixed}: the codes dataset's first blocks have other counts; "
+                                 "train on clips (route-and-encode) or tokenize with that prefix")
             return {"codes": batch["codes"], "counts": batch["counts"], "labels": labels}
         video = batch["video"].to(self.device)  # clips: route and encode every clip at every step
         if self.t.prefix_counts:  # frame prediction: the conditioning blocks' counts are fixed [P]
