@@ -225,3 +225,20 @@ def test_a_sample_that_is_not_well_formed_is_counted_but_not_measured(models, tm
     again = G.write_samples(G.Samples(s.labels[:2], s.well_formed[:2], s.counts[:2], s.codes[:2], s.videos[:2]),
                             str(tmp_path / "g"), 8.0, CLASSES)
     assert len(list((tmp_path / "g" / "videos").iterdir())) == len(again["files"]) == 1  # no stale files
+
+
+def test_metrics_stream_batch_by_batch_and_match_the_samples_drawn_at_once(models):
+    """generation_metrics draws and measures one batch at a time (on_batch sees each batch, then it is
+    dropped); the figures equal those of the same samples drawn at once and measured afterwards."""
+    from evatok.export import load_model
+
+    ar, tok = load_model(models["ar"]), load_model(models["tokenizer"])
+    real, names = _real(2)
+    seen = []
+    kw = dict(classifier=models["classifier"], real_videos=real, real_labels=names, seed=4, batch_size=4)
+    streamed = G.generation_metrics(ar, tok, samples_per_class=2, on_batch=lambda s: seen.append(len(s.labels)), **kw)
+    assert seen == [4, 2]
+    at_once = G.sample(ar, tok, G.class_labels(len(CLASSES), 2), seed=4, batch_size=4)
+    measured = G.generation_metrics(ar, tok, samples=at_once, **kw)
+    for k in ("gen/mean_tokens", "gen/classifier_acc", "gen/frechet_classifier", "gen/well_formed_rate"):
+        assert streamed[k] == pytest.approx(measured[k]), k

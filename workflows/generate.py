@@ -2,20 +2,21 @@
 
 Plain functions, usable without Ray:
 
-- ``sample(ar, tokenizer, labels, ...) -> Samples``: the AR model draws token sequences (CFG,
-  temperature, top-k/top-p; structural logit masking), each is parsed back into 4 blocks of codes,
-  and the final tokenizer decodes the well-formed ones into uint8 clips.
-- ``write_samples(samples, out_uri, fps, class_names)``: one h264 mp4 per sample (``evatok.synthetic.
-  write_mp4``), an image grid (``grid.png``: one row per sample, one column per block), and
-  ``tokens.parquet`` (per sample: class, well-formed or not, assignment, counts, total tokens, codes).
+- ``sample_batches(ar, tokenizer, labels, ...)`` (``sample`` joins them): the AR model draws token
+  sequences (CFG, temperature, top-k/top-p; structural logit masking), each is parsed back into 4
+  blocks of codes, and the final tokenizer decodes the well-formed ones into uint8 clips.
+- ``SampleWriter`` / ``write_samples``: one h264 mp4 per sample (``evatok.synthetic.write_mp4``), an
+  image grid (``grid.png``: the first sample of each class), and ``tokens.parquet`` (per sample: class,
+  well-formed or not, assignment, counts, total tokens, codes).
 - ``generation_metrics(ar, tokenizer, ...) -> dict``: numbers that can be measured here (no I3D
   weights): the well-formed rate, mean generated tokens, and with a classifier trained on the real
   clips (``evatok train classifier``, ``evatok/classifier.py``) its accuracy on the samples and the
   Frechet distance in its penultimate features; gFVD only when an I3D file is given. Every number
   comes with how it was measured under ``gen/protocol/...`` (samples, classes, frames, size, fps, the
   real clips and their digest, the feature network and its file's SHA-256, the sampling settings).
-- ``run_generate(cfg)``: the command: all of the above, written under ``generate.output`` and logged
-  to its own MLflow run (metrics, protocol tags, grid and tables as artifacts).
+- ``run_generate(cfg)``: the command: all of the above, batch by batch (a batch is written and measured,
+  then dropped: memory holds one batch of clips and the features, so 10k samples fit), under
+  ``generate.output``, logged to its own MLflow run (metrics, protocol tags, grid and tables as artifacts).
 
 ``evatok evaluate`` calls ``generation_metrics(ar_uri, tokenizer_uri, **metric_settings(cfg))`` for
 each AR model it is pointed at; ``mlflow_split(d)`` separates the numbers from the protocol strings.
@@ -28,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -99,10 +101,26 @@ class Samples:
     def total_tokens(self) -> torch.Tensor:
         return self.counts.sum(-1)
 
+    @staticmethod
+    def cat(parts: list["Samples"]) -> "Samples":
+        return Samples(torch.cat([p.labels for p in parts]), torch.cat([p.well_formed for p in parts]),
+                       torch.cat([p.counts for p in parts]), [c for p in parts for c in p.codes],
+                       np.concatenate([p.videos for p in parts]), sum(p.seconds for p in parts),
+                       dict(parts[0].settings) if parts else {})
 
-def sample(ar, tokenizer, labels, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, batch_size: int = 16, device="cpu") -> Samples:
-    """Class-conditional samples, ``batch_size`` at a time, from one generator seeded with ``seed``."""
+    def chunks(self, size: int) -> Iterator["Samples"]:
+        for s in range(0, len(self.labels), max(1, size)):
+            e = s + size
+            yield Samples(self.labels[s:e], self.well_formed[s:e], self.counts[s:e], self.codes[s:e],
+                          self.videos[s:e], self.seconds * len(self.labels[s:e]) / max(1, len(self.labels)),
+                          self.settings)
+
+
+def sample_batches(ar, tokenizer, labels, *, cfg_scale: float = 1.0, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 16,
+                   device="cpu") -> Iterator[Samples]:
+    """Class-conditional samples, ``batch_size`` at a time (one ``Samples`` per batch, so memory stays
+    bounded however many are drawn), from one generator seeded with ``seed``."""
     from evatok.ar import MalformedSequenceError
     from evatok.video import to_uint8
 
@@ -114,33 +132,35 @@ def sample(ar, tokenizer, labels, *, cfg_scale: float = 1.0, temperature: float 
         raise ValueError(f"AR model (counts {list(layout.counts)}, codebook {layout.codebook_size}) does not match "
                          f"the tokenizer (counts {list(tc.counts)}, codebook {tc.codebook_size})")
     gen = torch.Generator().manual_seed(int(seed))
-    n, blocks = len(labels), layout.num_blocks
-    ok = torch.zeros(n, dtype=torch.bool)
-    counts = torch.zeros(n, blocks, dtype=torch.long)
-    codes: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
-    videos = np.zeros((n, tc.frames, tc.size, tc.size, 3), np.uint8)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, n, batch_size):
-            lab = labels[s:s + batch_size]
+    settings = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                "batch_size": batch_size}
+    for s in range(0, len(labels), batch_size):
+        t0 = time.perf_counter()
+        lab = labels[s:s + batch_size]
+        n = len(lab)
+        ok = torch.zeros(n, dtype=torch.bool)
+        counts = torch.zeros(n, layout.num_blocks, dtype=torch.long)
+        codes: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(n)]
+        videos = np.zeros((n, tc.frames, tc.size, tc.size, 3), np.uint8)
+        with torch.no_grad():
             seq = ar.generate(lab.to(device), cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                               top_p=top_p, generator=gen).cpu()
-            good = []
-            for j in range(len(lab)):  # parsed one by one, so one bad sample does not sink its batch
+            for j in range(n):  # parsed one by one, so one bad sample does not sink its batch
                 try:
                     c, k = layout.parse_sequence(seq[j])
                 except MalformedSequenceError:
                     continue
-                i = s + j
-                ok[i], counts[i], codes[i] = True, k[0], c[0]
-                good.append(i)
+                ok[j], counts[j], codes[j] = True, k[0], c[0]
+            good = ok.nonzero().flatten().tolist()
             if good:
-                padded = torch.nn.utils.rnn.pad_sequence([codes[i] for i in good], batch_first=True)
-                video = tokenizer.decode(padded.to(device), counts[good].to(device))
-                videos[good] = to_uint8(video)
-    return Samples(labels, ok, counts, codes, videos, time.perf_counter() - t0,
-                   {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                    "seed": seed, "batch_size": batch_size})
+                padded = torch.nn.utils.rnn.pad_sequence([codes[j] for j in good], batch_first=True)
+                videos[good] = to_uint8(tokenizer.decode(padded.to(device), counts[good].to(device)))
+        yield Samples(lab, ok, counts, codes, videos, time.perf_counter() - t0, settings)
+
+
+def sample(ar, tokenizer, labels, **kwargs) -> Samples:
+    """All samples at once (``sample_batches`` joined): for small numbers of samples."""
+    return Samples.cat(list(sample_batches(ar, tokenizer, labels, **kwargs)))
 
 
 def class_labels(num_classes: int, samples_per_class: int) -> torch.Tensor:
@@ -169,88 +189,106 @@ def grid_png(videos: np.ndarray, rows: list[int], columns: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def token_table(samples: Samples, class_names: list[str], files: list[str], space=None):
-    """One row per sample: sample, class_id, class, well_formed, assignment (index in [0, 625) or -1),
-    counts, total_tokens, codes, file (the mp4, "" where not well-formed)."""
-    import pyarrow as pa
+class SampleWriter:
+    """Writes samples as they come: one mp4 per well-formed sample under ``out_uri/videos/``; at
+    ``close()``, ``grid.png`` (the first sample of each class) and ``tokens.parquet`` (one row per sample:
+    sample, class_id, class, well_formed, assignment (index in [0, 625) or -1), counts, total_tokens,
+    codes, file). An earlier run's ``videos/`` is removed first, so no stale sample lingers."""
 
-    assign = [-1] * len(files)
-    if space is not None:
-        for i in range(len(files)):
-            if bool(samples.well_formed[i]):
-                assign[i] = int(space.index(samples.counts[i]))
-    return pa.table({
-        "sample": pa.array(range(len(files)), pa.int32()),
-        "class_id": pa.array(samples.labels.tolist(), pa.int32()),
-        "class": pa.array([class_names[i] if 0 <= i < len(class_names) else str(i) for i in samples.labels.tolist()]),
-        "well_formed": pa.array(samples.well_formed.tolist(), pa.bool_()),
-        "assignment": pa.array(assign, pa.int32()),
-        "counts": pa.array(samples.counts.tolist(), pa.list_(pa.int32())),
-        "total_tokens": pa.array(samples.total_tokens.tolist(), pa.int32()),
-        "codes": pa.array([c.tolist() for c in samples.codes], pa.list_(pa.int32())),
-        "file": pa.array(files),
-    })
+    def __init__(self, out_uri: str, fps: float, class_names: list[str], space=None):
+        self.out, self.fps, self.names, self.space = out_uri, fps, class_names, space
+        self.rows: list[dict] = []
+        self.first: dict[int, np.ndarray] = {}
+        self.files: list[str] = []
+        videos = storage.join(out_uri, "videos")
+        if storage.exists(videos):
+            storage.remove(videos, recursive=True)
+
+    def _name(self, cid: int) -> str:
+        return self.names[cid] if 0 <= cid < len(self.names) else str(cid)
+
+    def add(self, s: Samples) -> None:
+        from evatok.synthetic import write_mp4
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for j in range(len(s.labels)):
+                i, cid, ok = len(self.rows), int(s.labels[j]), bool(s.well_formed[j])
+                file = ""
+                if ok:
+                    name = f"sample-{i:05d}-{self._name(cid)}.mp4"
+                    local = Path(tmp) / name
+                    write_mp4(local, s.videos[j], fps=self.fps)
+                    storage.write_bytes_atomic(storage.join(self.out, "videos", name), local.read_bytes())
+                    file = f"videos/{name}"
+                    self.files.append(storage.join(self.out, file))
+                    self.first.setdefault(cid, s.videos[j].copy())
+                self.rows.append({
+                    "sample": i, "class_id": cid, "class": self._name(cid), "well_formed": ok,
+                    "assignment": int(self.space.index(s.counts[j])) if ok and self.space is not None else -1,
+                    "counts": s.counts[j].tolist(), "total_tokens": int(s.counts[j].sum()),
+                    "codes": s.codes[j].tolist(), "file": file})
+
+    def close(self) -> dict:
+        import pyarrow as pa
+
+        grid_uri = storage.join(self.out, "grid.png")
+        if self.first:
+            order = sorted(self.first)
+            storage.write_bytes_atomic(grid_uri, grid_png(np.stack([self.first[c] for c in order]),
+                                                          list(range(len(order)))))
+        schema = pa.schema([("sample", pa.int32()), ("class_id", pa.int32()), ("class", pa.string()),
+                            ("well_formed", pa.bool_()), ("assignment", pa.int32()), ("counts", pa.list_(pa.int32())),
+                            ("total_tokens", pa.int32()), ("codes", pa.list_(pa.int32())), ("file", pa.string())])
+        table_uri = storage.join(self.out, "tokens.parquet")
+        storage.write_parquet(pa.Table.from_pylist(self.rows, schema=schema), table_uri)
+        return {"videos": storage.join(self.out, "videos"), "grid": grid_uri if self.first else None,
+                "tokens": table_uri, "files": self.files}
 
 
 def write_samples(samples: Samples, out_uri: str, fps: float, class_names: list[str], space=None) -> dict:
     """mp4 files under ``out_uri/videos/``, ``grid.png``, ``tokens.parquet``; returns their URIs."""
-    from evatok.synthetic import write_mp4
-
-    files = []
-    videos = storage.join(out_uri, "videos")
-    if storage.exists(videos):  # samples of an earlier run (maybe more of them) must not linger
-        storage.remove(videos, recursive=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(len(samples.labels)):
-            if not bool(samples.well_formed[i]):
-                files.append("")
-                continue
-            cid = int(samples.labels[i])
-            name = f"sample-{i:05d}-{class_names[cid] if 0 <= cid < len(class_names) else cid}.mp4"
-            local = Path(tmp) / name
-            write_mp4(local, samples.videos[i], fps=fps)
-            storage.write_bytes_atomic(storage.join(out_uri, "videos", name), local.read_bytes())
-            files.append(f"videos/{name}")
-    first = {}
-    for i in range(len(samples.labels)):  # the first well-formed sample of each class, in class order
-        if bool(samples.well_formed[i]):
-            first.setdefault(int(samples.labels[i]), i)
-    grid = grid_png(samples.videos, [first[c] for c in sorted(first)])
-    grid_uri = storage.join(out_uri, "grid.png")
-    storage.write_bytes_atomic(grid_uri, grid)
-    table_uri = storage.join(out_uri, "tokens.parquet")
-    storage.write_parquet(token_table(samples, class_names, files, space), table_uri)
-    return {"videos": storage.join(out_uri, "videos"), "grid": grid_uri, "tokens": table_uri,
-            "files": [storage.join(out_uri, f) for f in files if f]}
+    w = SampleWriter(out_uri, fps, class_names, space)
+    w.add(samples)
+    return w.close()
 
 
 # ============================================================================ real clips
-def read_real_clips(uri: str, max_clips: int) -> tuple[np.ndarray, list[str], dict]:
-    """The first ``max_clips`` labeled clips at ``uri`` (in shard order): uint8 [N, T, H, W, 3],
-    their class names, and where they came from (``uri``, digest of all the files, clips used)."""
+def iter_real_clips(uri: str, max_clips: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """The first ``max_clips`` labeled clips at ``uri`` in shard order, one shard at a time:
+    (uint8 [n, T, H, W, 3], class names)."""
     import pyarrow.compute as pc
 
     from workflows.clips import frames_from_table
-    from workflows.train.data import files_digest, parquet_prefix
+    from workflows.train.data import parquet_prefix
 
-    prefix = parquet_prefix(uri)
-    frames, labels = [], []
     n = 0
-    for f in sorted(storage.list_parquet(prefix)):
+    for f in sorted(storage.list_parquet(parquet_prefix(uri))):
+        if n >= max_clips:
+            break
         t = storage.read_table(f, columns=["frames", "shape", "label"])
         t = t.filter(pc.is_valid(t.column("label")))
         if t.num_rows == 0:
             continue
         t = t.slice(0, max_clips - n)
-        frames.append(frames_from_table(t))
-        labels += [str(x) for x in t.column("label").to_pylist()]
         n += t.num_rows
-        if n >= max_clips:
-            break
-    if not frames:
-        raise ValueError(f"no labeled clips under {storage.redact(prefix)}")
-    return np.concatenate(frames), labels, {"uri": storage.redact(prefix), "digest": files_digest(prefix),
-                                            "clips": n}
+        yield frames_from_table(t), [str(x) for x in t.column("label").to_pylist()]
+
+
+def describe_real(uri: str) -> dict:
+    """Where real clips come from: the prefix and the digest of all its files."""
+    from workflows.train.data import files_digest, parquet_prefix
+
+    prefix = parquet_prefix(uri)
+    return {"uri": storage.redact(prefix), "digest": files_digest(prefix)}
+
+
+def read_real_clips(uri: str, max_clips: int) -> tuple[np.ndarray, list[str], dict]:
+    """``iter_real_clips`` joined: (uint8 [N, T, H, W, 3], class names, ``describe_real`` + clips)."""
+    parts = list(iter_real_clips(uri, max_clips))
+    if not parts:
+        raise ValueError(f"no labeled clips under {storage.redact(uri)}")
+    return (np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]],
+            {**describe_real(uri), "clips": sum(len(p[1]) for p in parts)})
 
 
 # ============================================================================ metrics
@@ -265,6 +303,8 @@ def _features(net, videos: np.ndarray, batch: int = 32, device="cpu") -> tuple[t
         f = net.features(to_tensor(videos[i:i + batch]).to(device))
         feats.append(f.cpu())
         preds.append(net.head(f).argmax(-1).cpu())
+    if not feats:
+        return torch.zeros(0, net.config.feature_dim), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(preds)
 
 
@@ -274,105 +314,164 @@ def _frechet(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> floa
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
+def _to01(videos: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(videos)).permute(0, 4, 1, 2, 3).float() / 255.0
+
+
+class Measure:
+    """Accumulates, batch by batch, what the generation metrics need: token counts and well-formedness of
+    the samples, and (given the networks) classifier features / predictions and I3D features of real and
+    generated clips. Only features are kept, never the clips."""
+
+    def __init__(self, class_names: list[str], classifier=None, clf_classes: list[str] | None = None, fvd=None,
+                 device="cpu"):
+        self.names, self.net, self.fvd, self.device = class_names, classifier, fvd, device
+        self.index = {c: i for i, c in enumerate(clf_classes or class_names)}
+        self.ok: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.feats = {"real": [], "gen": []}
+        self.i3d = {"real": [], "gen": []}
+        self.hits = {"real": [0, 0], "gen": [0, 0]}  # [correct, counted]
+
+    def _add(self, kind: str, videos: np.ndarray, names: list[str]) -> None:
+        if not len(videos):
+            return
+        if self.net is not None:
+            f, pred = _features(self.net, videos, device=self.device)
+            self.feats[kind].append(f)
+            known = [i for i, c in enumerate(names) if c in self.index]
+            if known:
+                tgt = torch.tensor([self.index[names[i]] for i in known])
+                self.hits[kind][0] += int((pred[known] == tgt).sum())
+                self.hits[kind][1] += len(known)
+        if self.fvd is not None:
+            self.i3d[kind].append(torch.from_numpy(self.fvd.features(_to01(videos))))
+
+    def add_real(self, videos: np.ndarray, names: list[str]) -> None:
+        self._add("real", videos, names)
+
+    def add_generated(self, s: Samples) -> None:
+        self.ok.append(s.well_formed)
+        self.tokens.append(s.total_tokens[s.well_formed].float())
+        self.seconds += s.seconds
+        keep = s.well_formed.numpy()
+        self._add("gen", s.videos[keep], [self.names[i] for i in s.labels[s.well_formed].tolist()])
+
+    def metrics(self) -> dict:
+        ok = torch.cat(self.ok) if self.ok else torch.zeros(0, dtype=torch.bool)
+        tokens = torch.cat(self.tokens) if self.tokens else torch.zeros(0)
+        n = len(ok)
+        out = {"gen/samples": float(n), "gen/well_formed_rate": float(ok.float().mean()) if n else float("nan"),
+               "gen/mean_tokens": float(tokens.mean()) if len(tokens) else float("nan"),
+               "gen/std_tokens": float(tokens.std()) if len(tokens) > 1 else 0.0,
+               "gen/samples_per_s": n / self.seconds if self.seconds > 0 else float("nan"),
+               PROTOCOL + "samples": float(n), PROTOCOL + "well_formed": float(ok.sum())}
+        real = torch.cat(self.feats["real"]) if self.feats["real"] else None
+        gen = torch.cat(self.feats["gen"]) if self.feats["gen"] else None
+        if self.net is not None:
+            out[PROTOCOL + "classifier_acc_samples"] = float(self.hits["gen"][1])
+            for kind, key in (("real", "gen/classifier_acc_real"), ("gen", "gen/classifier_acc")):
+                if self.hits[kind][1]:
+                    out[key] = self.hits[kind][0] / self.hits[kind][1]
+            if real is not None and len(real) >= 4:  # the floor: two halves of the real clips (every other clip)
+                out["gen/frechet_classifier_real_halves"] = _frechet(real[0::2], real[1::2])
+            if real is not None and gen is not None and len(real) >= 2 and len(gen) >= 2:
+                out["gen/frechet_classifier"] = _frechet(real, gen)
+        if self.fvd is not None and len(self.i3d["real"]) and len(self.i3d["gen"]):
+            r, g = torch.cat(self.i3d["real"]), torch.cat(self.i3d["gen"])
+            if len(r) >= 2 and len(g) >= 2:
+                out["gen/fvd"] = _frechet(r.numpy(), g.numpy())
+        return out
+
+
 def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = None, real_videos: np.ndarray | None = None,
                        real_labels: list[str] | None = None, real_info: dict | None = None, real_clips: int = 256,
                        i3d: str | None = None, samples_per_class: int = 4, cfg_scale: float = 1.0,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                       batch_size: int = 16, fps: float = 8.0, device="cpu", samples: Samples | None = None) -> dict:
+                       batch_size: int = 16, fps: float = 8.0, device="cpu", samples: Samples | None = None,
+                       on_batch: Callable[[Samples], None] | None = None) -> dict:
     """Generation metrics of one AR model, each with how it was measured.
 
     ``ar``, ``tokenizer``, ``classifier``: URIs of exported models or loaded modules. Real clips come from
-    ``real`` (a clips URI; the first ``real_clips``) or ``real_videos`` (uint8 [N, T, H, W, 3]) with their
-    class names ``real_labels``. ``samples``: reuse samples already drawn (``evatok generate``), else
-    ``samples_per_class`` per class are drawn here with the sampling settings.
+    ``real`` (a clips URI; the first ``real_clips``, read one shard at a time) or ``real_videos`` (uint8
+    [N, T, H, W, 3]) with their class names ``real_labels``. ``samples``: measure samples already drawn;
+    else ``samples_per_class`` per class are drawn here, ``batch_size`` at a time, with the sampling
+    settings, and each batch is handed to ``on_batch`` (``evatok generate`` writes it) before it is
+    dropped: memory holds one batch of clips and the features, however many samples there are.
 
     Returns a flat dict: numbers ``gen/<metric>`` (``well_formed_rate``, ``mean_tokens``, ``std_tokens``,
-    ``samples``, ``classifier_acc``, ``classifier_acc_real``, ``frechet_classifier``,
-    ``frechet_classifier_real_halves``, ``fvd``; the classifier/FVD ones only when their network is
-    given) and the protocol ``gen/protocol/<key>`` (numbers and strings). No classifier and no I3D:
-    only the token figures; a metric never silently uses another feature network.
+    ``samples``, ``samples_per_s``; with a classifier ``classifier_acc``, ``classifier_acc_real``,
+    ``frechet_classifier``, ``frechet_classifier_real_halves``; with I3D ``fvd``) and the protocol
+    ``gen/protocol/<key>`` (numbers and strings). No classifier and no I3D: only the token figures; a
+    metric never silently uses another feature network.
     """
+    from evatok.metrics import FVD
+
     ar, ar_sha = load_with_digest(ar, "AR")
     tokenizer, tok_sha = load_with_digest(tokenizer, "tokenizer")
-    class_names = [str(c) for c in (getattr(ar, "export_meta", {}) or {}).get("classes", [])] \
-        or [str(i) for i in range(ar.config.num_classes)]
-    if samples is None:
-        samples = sample(ar, tokenizer, class_labels(ar.config.num_classes, samples_per_class), cfg_scale=cfg_scale,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-                         device=device)
-    ok = samples.well_formed
-    n = len(ok)
-    tokens = samples.total_tokens[ok].float()
-    out: dict = {
-        "gen/samples": float(n), "gen/well_formed_rate": float(ok.float().mean()) if n else float("nan"),
-        "gen/mean_tokens": float(tokens.mean()) if len(tokens) else float("nan"),
-        "gen/std_tokens": float(tokens.std()) if len(tokens) > 1 else 0.0,
-        "gen/samples_per_s": n / samples.seconds if samples.seconds > 0 else float("nan"),
-    }
+    meta = getattr(ar, "export_meta", {}) or {}
+    class_names = [str(c) for c in meta.get("classes", [])] or [str(i) for i in range(ar.config.num_classes)]
     tc = tokenizer.config
     p = PROTOCOL
-    out.update({
-        p + "samples": float(n), p + "well_formed": float(ok.sum()), p + "classes": float(len(set(samples.labels.tolist()))),
-        p + "frames": float(tc.frames), p + "size": float(tc.size), p + "fps": float(fps),
-        p + "cfg_scale": float(samples.settings.get("cfg_scale", cfg_scale)),
-        p + "temperature": float(samples.settings.get("temperature", temperature)),
-        p + "top_k": str(samples.settings.get("top_k", top_k)), p + "top_p": str(samples.settings.get("top_p", top_p)),
-        p + "seed": float(samples.settings.get("seed", seed)),
-        p + "batch_size": float(samples.settings.get("batch_size", batch_size)),
-        p + "ar_sha256": ar_sha, p + "tokenizer_sha256": tok_sha,
-        p + "ar_run_id": str((getattr(ar, "export_meta", {}) or {}).get("mlflow_run_id", "")),
-    })
-    gen_videos = samples.videos[ok.numpy()]
-    gen_names = [class_names[i] for i in samples.labels[ok].tolist()]
-    if classifier is None and not i3d:
-        return out
-    if real_videos is None:
-        if not real:
-            raise ValueError("feature metrics need real clips: give real= (a clips URI) or real_videos=")
-        real_videos, real_labels, real_info = read_real_clips(real, real_clips)
-    info = real_info or {"uri": "(in memory)", "digest": "", "clips": len(real_videos)}
-    out.update({p + "real_uri": str(info.get("uri", "")), p + "real_digest": str(info.get("digest", "")),
-                p + "real_clips": float(len(real_videos))})
-    if real_videos.shape[1:] != gen_videos.shape[1:] and len(gen_videos):
-        raise ValueError(f"real clips {list(real_videos.shape[1:])} and samples {list(gen_videos.shape[1:])} "
-                         "differ in shape: the features would not compare like with like")
+    out: dict = {p + "frames": float(tc.frames), p + "size": float(tc.size), p + "fps": float(fps),
+                 p + "ar_sha256": ar_sha, p + "tokenizer_sha256": tok_sha, p + "ar_run_id": str(meta.get("mlflow_run_id", ""))}
+    net, clf_classes = None, None
     if classifier is not None:
         net, clf_sha = load_with_digest(classifier, "classifier")
         cc = net.config
         if (cc.frames, cc.size) != (tc.frames, tc.size):
             raise ValueError(f"the classifier was trained on {cc.frames}x{cc.size}x{cc.size} clips, the samples are "
                              f"{tc.frames}x{tc.size}x{tc.size}")
-        clf_classes = [str(c) for c in (getattr(net, "export_meta", {}) or {}).get("classes", [])] or class_names
-        index = {c: i for i, c in enumerate(clf_classes)}
+        clf_meta = getattr(net, "export_meta", {}) or {}
+        clf_classes = [str(c) for c in clf_meta.get("classes", [])] or None
         out.update({p + "feature_net": f"evatok.classifier (width {cc.width}, depth {cc.depth})",
                     p + "feature_net_sha256": clf_sha, p + "feature_dim": float(cc.feature_dim),
-                    p + "feature_net_run_id": str((getattr(net, "export_meta", {}) or {}).get("mlflow_run_id", ""))})
-        real_f, real_pred = _features(net, real_videos, device=device)
-        known = [i for i, c in enumerate(real_labels or []) if c in index]
-        if known:
-            tgt = torch.tensor([index[real_labels[i]] for i in known])
-            out["gen/classifier_acc_real"] = float((real_pred[known] == tgt).float().mean())
-        if len(real_f) >= 4:  # the floor: two halves of the real clips (every other clip)
-            out["gen/frechet_classifier_real_halves"] = _frechet(real_f[0::2], real_f[1::2])
-        if len(gen_videos):
-            gen_f, gen_pred = _features(net, gen_videos, device=device)
-            known = [i for i, c in enumerate(gen_names) if c in index]
-            out[p + "classifier_acc_samples"] = float(len(known))
-            if known:
-                tgt = torch.tensor([index[gen_names[i]] for i in known])
-                out["gen/classifier_acc"] = float((gen_pred[known] == tgt).float().mean())
-            if len(gen_f) >= 2 and len(real_f) >= 2:
-                out["gen/frechet_classifier"] = _frechet(real_f, gen_f)
+                    p + "feature_net_run_id": str(clf_meta.get("mlflow_run_id", ""))})
+    fvd = None
     if i3d:
-        from evatok.metrics import FVD
-
         local = storage.local_path(i3d)
         fvd = FVD(str(local) if local is not None else i3d, device=device)
         out[p + "i3d_sha256"] = storage.sha256(i3d)
-        if len(gen_videos) >= 2:
-            to01 = lambda v: torch.from_numpy(np.ascontiguousarray(v)).permute(0, 4, 1, 2, 3).float() / 255.0  # noqa: E731
-            out["gen/fvd"] = _frechet(fvd.features(to01(real_videos)), fvd.features(to01(gen_videos)))
-    return out
+    measure = Measure(class_names, net, clf_classes, fvd, device)
+    if net is not None or fvd is not None:
+        shape = (tc.frames, tc.size, tc.size, 3)
+        if real_videos is not None:
+            chunks = [(real_videos[i:i + 64], (real_labels or [])[i:i + 64]) for i in range(0, len(real_videos), 64)]
+            info = real_info or {"uri": "(in memory)", "digest": ""}
+        elif real:
+            chunks, info = iter_real_clips(real, real_clips), describe_real(real)
+        else:
+            raise ValueError("feature metrics need real clips: give real= (a clips URI) or real_videos=")
+        n_real = 0
+        for videos, names in chunks:
+            if videos.shape[1:] != shape:
+                raise ValueError(f"real clips {list(videos.shape[1:])} and samples {list(shape)} differ in shape: "
+                                 "the features would not compare like with like")
+            measure.add_real(videos, names)
+            n_real += len(videos)
+        out.update({p + "real_uri": str(info.get("uri", "")), p + "real_digest": str(info.get("digest", "")),
+                    p + "real_clips": float(n_real)})
+    if samples is not None:
+        batches, settings = samples.chunks(batch_size), samples.settings
+    else:
+        settings = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                    "batch_size": batch_size}
+        batches = sample_batches(ar, tokenizer, class_labels(ar.config.num_classes, samples_per_class),
+                                 device=device, **settings)
+    classes = set()
+    for s in batches:
+        if on_batch is not None:
+            on_batch(s)
+        measure.add_generated(s)
+        classes |= set(s.labels.tolist())
+    out.update(measure.metrics())
+    out.update({p + "classes": float(len(classes)), p + "cfg_scale": float(settings.get("cfg_scale", cfg_scale)),
+                p + "temperature": float(settings.get("temperature", temperature)),
+                p + "top_k": str(settings.get("top_k", top_k)), p + "top_p": str(settings.get("top_p", top_p)),
+                p + "seed": float(settings.get("seed", seed)),
+                p + "batch_size": float(settings.get("batch_size", batch_size))})
+    return dict(sorted(out.items(), key=lambda kv: (kv[0].startswith(p), kv[0])))
 
 
 def mlflow_split(metrics: dict) -> tuple[dict[str, float], dict[str, str]]:
@@ -390,40 +489,39 @@ class GenerateResult:
     well_formed: int
     metrics: dict
     files: list[str]
-    grid: str
+    grid: str | None
     tokens: str
     mlflow_run_id: str | None = None
     seconds: float = 0.0
 
 
 def run_generate(cfg: Config, *, parent_run_id: str | None = None) -> GenerateResult:
-    """``evatok generate``: sample, decode, write mp4 files + grid + token table, measure, log to MLflow."""
+    """``evatok generate``: sample and decode batch by batch, write mp4 files + grid + token table, measure,
+    log to MLflow."""
     from evatok.assignment import AssignmentSpace
     from workflows.tracking import Lineage, resolve_tracking_uri
 
     t0 = time.perf_counter()
-    g = cfg.generate
     p = places(cfg)
     ar, ar_sha = load_with_digest(p["ar"], "AR")
     tokenizer, tok_sha = load_with_digest(p["tokenizer"], "tokenizer")
-    class_names = [str(c) for c in (getattr(ar, "export_meta", {}) or {}).get("classes", [])] or [str(i) for i in range(ar.config.num_classes)]
+    class_names = [str(c) for c in (getattr(ar, "export_meta", {}) or {}).get("classes", [])] \
+        or [str(i) for i in range(ar.config.num_classes)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    samples = sample(ar, tokenizer, class_labels(ar.config.num_classes, g.samples_per_class), cfg_scale=g.cfg_scale,
-                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed, batch_size=g.batch_size,
-                     device=device)
-    space = AssignmentSpace(tokenizer.config.counts, tokenizer.config.num_blocks)
-    written = write_samples(samples, p["output"], mp4_fps(cfg), class_names, space)
+    writer = SampleWriter(p["output"], mp4_fps(cfg), class_names,
+                          AssignmentSpace(tokenizer.config.counts, tokenizer.config.num_blocks))
     settings = metric_settings(cfg)
     if settings["classifier"] is None:
         print("generate: no classifier (evatok train classifier, or generate.classifier=...): "
               "reporting the token figures only", flush=True)
-    metrics = generation_metrics(ar, tokenizer, samples=samples, device=device, **settings)
+    metrics = generation_metrics(ar, tokenizer, device=device, on_batch=writer.add, **settings)
+    written = writer.close()
     summary = {"ar": storage.redact(p["ar"]), "tokenizer": storage.redact(p["tokenizer"]),
                "classes": class_names, "metrics": metrics}
     storage.write_bytes_atomic(storage.join(p["output"], "metrics.json"),
                                json.dumps(summary, indent=2, default=str).encode())
     run_id = _log(cfg, p, written, metrics, ar_sha, tok_sha, parent_run_id, resolve_tracking_uri, Lineage)
-    return GenerateResult(p["output"], len(samples.labels), int(samples.well_formed.sum()), metrics,
+    return GenerateResult(p["output"], int(metrics["gen/samples"]), int(metrics[PROTOCOL + "well_formed"]), metrics,
                           written["files"], written["grid"], written["tokens"], run_id, time.perf_counter() - t0)
 
 
@@ -452,6 +550,8 @@ def _log(cfg, p, written, metrics, ar_sha, tok_sha, parent_run_id, resolve_track
     def artifacts():
         with tempfile.TemporaryDirectory() as tmp:
             for uri in (written["grid"], written["tokens"], storage.join(p["output"], "metrics.json")):
+                if not uri:
+                    continue
                 local = Path(tmp) / uri.rstrip("/").rsplit("/", 1)[-1]
                 local.write_bytes(storage.read_bytes(uri))
                 lin.client().log_artifact(run_id, str(local), "generate")
