@@ -263,19 +263,42 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+class DigestMismatchError(ValueError):
+    """A file's SHA-256 is not the one the user said it must have; it was not loaded."""
+
+
 class FVD:
     """Frechet Video Distance with the TorchScript I3D detector used by StyleGAN-V / cd-fvd
     (``i3d_torchscript.pt``), called as ``model(x, rescale=False, resize=True, return_features=True)``
     on [B, 3, T, 224, 224] in [-1, 1]. Videos given here are [B, 3, T, H, W] in [0, 1].
+
+    Trust: a TorchScript file is a program (``torch.jit.load`` runs the code it holds, and the loader
+    itself parses untrusted bytes), so ``i3d_path`` is *trusted input*: only a file from a source you
+    trust, at a path only you can write. Give ``sha256`` (the digest its publisher lists) to have the
+    file's bytes checked first: a different file raises
+    ``DigestMismatchError`` and is never loaded. The bytes checked are the bytes loaded (the file is
+    read once, into memory).
     """
 
-    def __init__(self, i3d_path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16):
+    def __init__(self, i3d_path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 16,
+                 sha256: str | None = None):
         if i3d_path is None or not Path(i3d_path).is_file():
             raise MissingWeightsError(
                 f"FVD needs the TorchScript I3D detector {I3D_FILE} ({i3d_path} does not exist); "
                 "it cannot be downloaded here: copy it to a local path and pass i3d_path=.")
         self.device, self.batch_size = torch.device(device), batch_size
-        self.model = torch.jit.load(str(i3d_path), map_location=self.device).eval()
+        if sha256 is None:
+            self.model = torch.jit.load(str(i3d_path), map_location=self.device).eval()
+            return
+        import hashlib
+        import io
+
+        data = Path(i3d_path).read_bytes()  # one read: no swap between the check and the load
+        got, want = hashlib.sha256(data).hexdigest(), str(sha256).strip().lower()
+        if got != want:
+            raise DigestMismatchError(f"{i3d_path}: SHA-256 {got} is not the expected {want}; not loaded "
+                                      f"(a TorchScript file is code: load only the file you checked)")
+        self.model = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
 
     @torch.no_grad()
     def features(self, videos: torch.Tensor) -> np.ndarray:

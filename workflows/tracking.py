@@ -59,6 +59,39 @@ def resolve_tracking_uri(configured: str | None, work_dir: str) -> str:
     return f"sqlite:///{local / 'mlflow.db'}"
 
 
+# ----------------------------------------------------------------------------- URIs for Ray workers
+#: The variable a worker reads a credentialed tracking URI from (by name: the value never travels).
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+_USERINFO = re.compile(r"(?i)^([a-z][a-z0-9+.-]*://)[^/\s?#]*@")
+
+
+def for_workers(uri: str) -> tuple[str, str | None]:
+    """``(uri to hand to Ray, env var name or None)`` for a resolved tracking URI.
+
+    ``train_loop_config`` and runtime envs are Ray metadata (GCS, the dashboard, ``ray list``), so a URI
+    with ``user:password@`` must not go there. It is handed over without its userinfo plus the *name*
+    of the variable that holds the whole URI (``MLFLOW_TRACKING_URI``), which the driver sets in its own
+    process environment; a local Ray's workers inherit it (its raylet is started by the driver), a
+    cluster's nodes must be given it (``evatok submit --env-name MLFLOW_TRACKING_URI``) or MLflow's
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (``worker_uri``)."""
+    from workflows import storage
+
+    if not uri or not storage.has_userinfo(uri):
+        return uri, None
+    if os.environ.get(TRACKING_URI_ENV) != uri:
+        os.environ[TRACKING_URI_ENV] = uri  # the driver's own environment: never Ray metadata
+    return _USERINFO.sub(r"\1", uri), TRACKING_URI_ENV
+
+
+def worker_uri(uri: str, env_name: str | None) -> str:
+    """The worker side of ``for_workers``: the whole URI from ``env_name`` when it names the same
+    server, else the URI as given (MLflow then takes MLFLOW_TRACKING_USERNAME/PASSWORD if set)."""
+    full = os.environ.get(env_name or "") if env_name else None
+    if full and _USERINFO.sub(r"\1", full) == uri:
+        return full
+    return uri
+
+
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     """Flattened config -> MLflow params: secret-looking keys dropped, values redacted and capped."""
     from workflows import storage

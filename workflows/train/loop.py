@@ -141,7 +141,7 @@ def train_worker(config: dict) -> dict:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from workflows.tracking import Tracker
+    from workflows.tracking import Tracker, worker_uri
     from workflows.train.data import Collate, micro_batches
     from workflows.train.recipes import make_recipe
 
@@ -165,7 +165,8 @@ def train_worker(config: dict) -> dict:
         with resumed.as_directory() as d:
             state = ckpt.load(d, rank, engine, d_engine, gen)
 
-    tracker = Tracker(config["tracking_uri"], cfg.mlflow.experiment, config["run_name"], enabled=rank == 0,
+    tracker = Tracker(worker_uri(config["tracking_uri"], config.get("tracking_env")), cfg.mlflow.experiment,
+                      config["run_name"], enabled=rank == 0,
                       system_metrics=cfg.mlflow.system_metrics,
                       tags={"evatok.claim": config["claim_id"]} if config.get("claim_id") else None)
     if rank == 0:
@@ -460,7 +461,9 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
     from workflows import fingerprint as F
     from workflows.config import absolute_uris
     from workflows.stage import ensure_ray
-    from workflows.tracking import resolve_tracking_uri
+    import dataclasses
+
+    from workflows.tracking import for_workers, resolve_tracking_uri
 
     t0 = time.perf_counter()
     cfg = absolute_uris(cfg)  # before anything reaches a worker, whose working directory is not ours
@@ -495,13 +498,18 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
     if decision.fresh:  # the old record goes first: from now on the claim says what this place holds
         storage.remove(storage.join(place, storage.DONE_MARKER))
     claim = F.write_claim(place, fp, ray_run=ray_run)  # exclusive: a concurrent run of this name fails here
+    # Before Ray starts: a credentialed tracking URI goes into this process's environment (which a local
+    # raylet and its workers inherit), and only its public part and the variable's name into Ray.
+    tracking_uri, tracking_env = for_workers(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.work_dir))
+    public_cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(
+        cfg.mlflow, tracking_uri=for_workers(cfg.mlflow.tracking_uri)[0] if cfg.mlflow.tracking_uri else None))
     ray = ensure_ray()
     import ray.train
 
     datasets, uri, digest, rows, per_epoch, classes, targets = _prepare_data(cfg)
     fs, path = storage.to_pyarrow(storage.join(cfg.work_dir, "ray_results"))
-    loop_config = {
-        "cfg": cfg, "run_name": ray_run, "tracking_uri": resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.work_dir),
+    loop_config = {  # Ray metadata: no credential (a tracking URI's user:password@ travels by env var name)
+        "cfg": public_cfg, "run_name": ray_run, "tracking_uri": tracking_uri, "tracking_env": tracking_env,
         "data_uri": uri, "data_digest": fp.inputs["data"]["digest"], "rows": rows, "per_epoch": per_epoch,
         "classes": classes, "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
         "upstream_tags": _upstream_tags(cfg, parent_run_id),
