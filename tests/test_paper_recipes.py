@@ -432,3 +432,31 @@ def test_augmented_tokenizer_and_router_validation_train_for_real(ray_local, tmp
     router = run_training(load_config(None, tiny + [
         "train.model=router", "train.steps=2", f"train.data={clips}", f"train.labels={labels}", "train.val_every=4"]))
     assert "val/reward_percentile" in router.metrics and router.metrics["val/clips"] < 16
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_bf16_tokenizer_with_every_pretrained_part_trains(ray_local, tmp_path):
+    """The paper's precision with the paper's losses: DeepSpeed bf16 (ZeRO-2) casts the frozen V-JEPA2 of
+    the alignment loss and the frozen VideoMAE of the semantic discriminator; both must run on it (tiny
+    random checkpoints; LPIPS needs real ImageNet weights, so it is left out here)."""
+    import torch
+    from test_semantic import _tiny
+    from train_fixtures import write_clips
+
+    from workflows.train import run_training
+
+    dirs = {}
+    for kind in ("videomae", "vjepa2"):
+        torch.manual_seed(0)
+        dirs[kind] = tmp_path / kind
+        _tiny(kind).save_pretrained(dirs[kind])
+    data = write_clips(str(tmp_path / "clips"), n=8)
+    res = run_training(load_config(None, [
+        "data.clip_len=16", "data.size=64", "train.num_workers=2", "train.batch_size=4", "train.lr=0.001",
+        "train.cpus_per_worker=0.5", "mlflow.system_metrics=false", "train.checkpoint_every=100",
+        f"work_dir={tmp_path / 'runs'}", "name=bf16", "train.model=proxy", "train.steps=2", f"train.data={data}",
+        "train.disc_start=0", "train.deepspeed.zero_stage=2", "train.deepspeed.precision=bf16",
+        f"train.align_encoder={dirs['vjepa2']}", f"train.semantic_disc_encoder={dirs['videomae']}",
+        "pretrained=[train.align_encoder, train.semantic_disc_encoder]"]))
+    assert res.steps == 2 and math.isfinite(res.metrics["fixed_loss_end"])
