@@ -55,20 +55,13 @@ def eval_cfg(root, data, labels, **kw):
     return load_config(None, over + [f"evaluate.{k}={v}" for k, v in kw.items()])
 
 
-def test_evaluate_table_plots_and_mlflow(micro_run, tmp_path):
+def test_evaluate_table_plots_and_protocol(micro_run):
+    """The table (every method, its protocol), re-measured numbers, the files (MLflow: the runner test)."""
     from workflows.evaluate import run_evaluate
-    from workflows.tracking import Lineage
     from workflows.train.data import held_out
 
     root, data, tok, labels = micro_run
-    cfg = eval_cfg(root, data, labels, **{"max_clips": 8})
-    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lin = Lineage(cfg.mlflow.tracking_uri, "evatok-test", str(tmp_path), quiet=True)
-    lin.ensure_experiment()
-    cfg.mlflow.experiment = "evatok-test"
-    run_id = lin.start("eval-test")
-    res = run_evaluate(cfg, run_id=run_id, quiet=True)
-    lin.end(run_id)
+    res = run_evaluate(eval_cfg(root, data, labels, max_clips=8), quiet=True)
     t = res.table.to_pylist()
     by = {(r["method"], r["setting"]): r for r in t}
     kinds = [r["method"] for r in t]
@@ -116,14 +109,7 @@ def test_evaluate_table_plots_and_mlflow(micro_run, tmp_path):
         assert data_png.startswith(PNG) and len(data_png) > 5000, name
     csv = storage.read_bytes(str(root / "eval" / "metrics.csv")).decode().splitlines()
     assert csv[0].startswith("method,setting,mean_tokens") and len(csv) == len(t) + 1
-    # MLflow: metrics, protocol tags, artifacts on the stage's run
-    run = lin.client().get_run(run_id)
-    assert run.data.metrics["eval/uniform:8/psnr"] == pytest.approx(by[("uniform", "8")]["psnr"])
-    assert run.data.metrics["eval/router/top1"] == pytest.approx(r["top1"])
-    assert run.data.tags["evatok.eval.protocol.split_digest"] == t[0]["protocol.split_digest"]
-    arts = {a.path for a in lin.client().list_artifacts(run_id, "evaluate")}
-    assert {"evaluate/metrics.csv", "evaluate/metrics.parquet", "evaluate/quality_cost.png",
-            "evaluate/assignments.png", "evatok/recon_grid.png".replace("evatok", "evaluate")} <= arts
+    assert res.metrics["eval/uniform:8/psnr"] == by[("uniform", "8")]["psnr"] and "eval/router/top1" in res.metrics
     assert "router" in res.summary and "uniform at equal tokens" in res.summary
 
 
@@ -138,6 +124,7 @@ def test_threshold_defaults_and_uniform_interpolation():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_tokenize_and_evaluate_stages_in_the_runner(ray_local, micro_run, tmp_path):
     """`evatok tokenize` / `evatok evaluate` as stages of the runner: fingerprinted, recorded with their MLflow
     runs (evaluate's artifacts on its run), skipped when rerun with the same inputs, refused when made otherwise."""
@@ -162,11 +149,49 @@ def test_tokenize_and_evaluate_stages_in_the_runner(ray_local, micro_run, tmp_pa
     assert rec_e["fingerprint"]["inputs"]["labels"]["digest"] and rec_e["mlflow_run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(rec_e["mlflow_run_id"])
-    assert run.data.tags["evatok.stage"] == "evaluate" and "eval/router/psnr" in run.data.metrics
-    assert "evaluate/quality_cost.png" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    table = storage.read_table(str(wd / "eval" / "metrics.parquet")).to_pylist()
+    uni8 = next(r for r in table if (r["method"], r["setting"]) == ("uniform", "8"))
+    assert run.data.tags["evatok.stage"] == "evaluate" and "eval/router/top1" in run.data.metrics
+    assert run.data.metrics["eval/uniform:8/psnr"] == pytest.approx(uni8["psnr"])
+    assert run.data.tags["evatok.eval.protocol.split_digest"] == uni8["protocol.split_digest"]
+    assert {"evaluate/metrics.csv", "evaluate/metrics.parquet", "evaluate/quality_cost.png", "evaluate/assignments.png",
+            "evaluate/recon_grid.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     # the AR model's default data is this stage's codes/
     assert resolve(None, over).models["ar"].train.data == str(wd / "codes" / "codes")
     again = Runner(resolve(None, over), parent=False).run(["tokenize", "evaluate"])
     assert [o.action for o in again] == ["skipped", "skipped"]
     with pytest.raises(StaleOutputError, match="tokenize.mode"):
         Runner(resolve(None, over[:-5] + ["tokenize.mode=router"] + over[-4:]), parent=False).run(["tokenize"])
+
+
+class _Features(torch.nn.Module):
+    """A stand-in feature network with the I3D TorchScript file's call signature (its real weights
+    cannot be had here): per-channel means and spreads of the clip, 6 features."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = True,
+                return_features: bool = True) -> torch.Tensor:
+        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+
+def test_evaluate_lpips_and_rfvd_columns_when_weights_are_given(micro_run, tmp_path):
+    """LPIPS (a random AlexNet saved as torchvision's file, the package's heads) and rFVD (a TorchScript
+    network with I3D's signature): their columns, and the protocol names each file's SHA-256."""
+    from evatok.metrics import LPIPS
+    from workflows.evaluate import run_evaluate
+
+    root, data, tok, labels = micro_run
+    torch.manual_seed(0)
+    alex = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save({f"features.{k}": v for k, v in LPIPS("alex", allow_random_backbone=True).features.state_dict().items()},
+               alex)
+    i3d = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(_Features()).save(str(i3d))
+    cfg = eval_cfg(root, data, labels, max_clips=4, budgets="[24]", thresholds="[0.02]", lpips_net="alex",
+                   lpips_backbone=alex, i3d=i3d, output=tmp_path / "eval")
+    res = run_evaluate(cfg, quiet=True)
+    rows = res.table.to_pylist()
+    assert all(r["lpips"] > 0 and r["rfvd"] >= 0 for r in rows)
+    assert rows[0]["protocol.lpips_sha256"] == storage.sha256(str(alex))
+    assert rows[0]["protocol.i3d_sha256"] == storage.sha256(str(i3d)) and "alex" in rows[0]["protocol.lpips_net"]
+    # measured per method: the methods' reconstructions differ, so do their distances
+    assert len({round(r["lpips"], 9) for r in rows}) > 1 and len({round(r["rfvd"], 12) for r in rows}) > 1

@@ -425,15 +425,20 @@ def run_evaluate(cfg, run_id: str | None = None, quiet: bool = False) -> Evaluat
         rec.add(th[j])
 
     # the table
-    real01 = (x + 0.5).clamp(0, 1)
+    real_stats = None
+    if fvd is not None and n >= 2:
+        from evatok.metrics import feature_stats, frechet_distance
+
+        real_stats = feature_stats(fvd.features((x + 0.5).clamp(0, 1)))
     rows, per_clip = [], []
     for method, setting, choice, extra in methods:
         m = rec.clip_metrics(choice)
         row = {"method": method, "setting": setting, "mean_tokens": float(totals[choice].double().mean()),
                **{k: float(v.mean()) for k, v in m.items()}}
-        if fvd is not None and n >= 2:
+        if real_stats is not None:  # the method's reconstructions against the clips, in I3D features
             fake = torch.stack([torch.from_numpy(rec.videos[(i, a)]) for i, a in enumerate(choice.tolist())])
-            row["rfvd"] = fvd(real01, fake.permute(0, 4, 1, 2, 3).float() / 255.0)
+            fake_stats = feature_stats(fvd.features(fake.permute(0, 4, 1, 2, 3).float() / 255.0))
+            row["rfvd"] = frechet_distance(*real_stats, *fake_stats)
         if rewards is not None:
             row["reward_percentile"] = reward_percentile(rewards, choice)
         row.update(extra)
