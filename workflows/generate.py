@@ -514,7 +514,13 @@ def run_generate(cfg: Config, *, parent_run_id: str | None = None) -> GenerateRe
     if settings["classifier"] is None:
         print("generate: no classifier (evatok train classifier, or generate.classifier=...): "
               "reporting the token figures only", flush=True)
-    metrics = generation_metrics(ar, tokenizer, device=device, on_batch=writer.add, **settings)
+    threads = torch.get_num_threads()
+    if device == "cpu" and cfg.generate.threads > 0:
+        torch.set_num_threads(cfg.generate.threads)
+    try:
+        metrics = generation_metrics(ar, tokenizer, device=device, on_batch=writer.add, **settings)
+    finally:
+        torch.set_num_threads(threads)
     written = writer.close()
     summary = {"ar": storage.redact(p["ar"]), "tokenizer": storage.redact(p["tokenizer"]),
                "classes": class_names, "metrics": metrics}
