@@ -97,6 +97,7 @@ def test_evaluate_table_plots_and_protocol(micro_run):
     b16, b32 = by[("budget", "16")], by[("budget", "32")]
     assert abs(b16["calibration_mean_tokens"] - 16) / 16 < 0.1 and b16["lambda"] > b32["lambda"]
     assert b16["mean_tokens"] <= b32["mean_tokens"]
+    assert b16["budget_error_pct"] == pytest.approx(100 * (b16["mean_tokens"] - 16) / 16) and "budgets" in res.summary
     # thresholds: a looser threshold never costs more tokens
     th = sorted((r["threshold"], r["mean_tokens"]) for r in t if r["method"] == "threshold")
     assert all(a[1] >= b[1] for a, b in zip(th, th[1:]))

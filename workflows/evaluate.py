@@ -11,7 +11,7 @@ them in clip id order. Methods (each one assignment per clip, ``evatok.routing``
 - ``router``: the router's argmax;
 - ``budget`` at each of ``evaluate.budgets`` mean tokens per clip: one lambda per budget, fitted on up
   to ``calibration_clips`` clips of the *training* videos, frozen, then applied clip by clip; the row
-  reports the achieved mean next to the target;
+  reports the achieved mean next to the target (``budget_error_pct``);
 - ``labels``: the label stage's max-reward assignments (the oracle; when every held-out clip has one);
 - ``best_uniform``: per clip the uniform assignment of highest reward (needs the label stage's scores);
 - ``threshold`` at each threshold: the ElasticTok-style baseline (per block, the smallest count whose
@@ -442,6 +442,8 @@ def run_evaluate(cfg, run_id: str | None = None, quiet: bool = False) -> Evaluat
         if rewards is not None:
             row["reward_percentile"] = reward_percentile(rewards, choice)
         row.update(extra)
+        if method == "budget":  # the achieved mean on held-out clips against the target
+            row["budget_error_pct"] = 100.0 * (row["mean_tokens"] - row["budget"]) / row["budget"]
         rows.append(row)
         for i, a in enumerate(choice.tolist()):
             per_clip.append({"clip_id": ids[i], "method": method, "setting": setting, "assignment": a,
@@ -537,6 +539,10 @@ def comparison(rows: list[dict]) -> str:
             parts.append(f"{r['method']}: {r['mean_tokens']:.1f} tokens/clip, PSNR {r['psnr']:.2f} dB "
                          f"({r['psnr_vs_uniform_db']:+.2f} dB vs uniform at equal tokens"
                          + (f"; {saved:+.1f}% tokens vs uniform at equal PSNR" if saved == saved else "") + ")")
+    budgets = [r for r in rows if r["method"] == "budget"]
+    if budgets:
+        parts.append("budgets (held out): " + ", ".join(f"{r['budget']:g} -> {r['mean_tokens']:.1f} "
+                                                         f"({r['budget_error_pct']:+.1f}%)" for r in budgets))
     best = [r for r in rows if r["method"] == "best_uniform"]
     if best and "reward_percentile" in best[0]:
         router = [r for r in rows if r["method"] == "router"]
