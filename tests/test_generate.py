@@ -198,6 +198,7 @@ def test_generate_command_writes_samples_and_logs_a_run(models, tmp_path, monkey
     run = client.search_runs([client.get_experiment_by_name("gen").experiment_id])[0]
     assert run.data.tags["evatok.stage"] == "generate"
     assert run.data.metrics["gen/well_formed_rate"] == 1.0 and "gen/frechet_classifier" in run.data.metrics
+    assert run.data.metrics["seconds"] > 0
     assert run.data.tags[f"evatok.{G.PROTOCOL}feature_net_sha256"] == _sha(models["classifier"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "generate")}
     assert {"generate/grid.png", "generate/tokens.parquet", "generate/metrics.json"} <= arts

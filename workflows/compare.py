@@ -16,7 +16,8 @@ What is read (docs/compare.md lists the names, so stages can log them):
   ``eval/best_uniform/reward_percentile`` (else the router training run's ``val/top1`` ...).
 - generation: ``gen/*`` (``workflows.generate.generation_metrics``; the evaluate stage logs them as
   ``gen/<AR model>/*``), with the classifier file's digest from the ``evatok.gen/protocol/feature_net_sha256`` tag.
-- wall time: the run's end minus start.
+- wall time: the run's own ``seconds`` metric (stage, pipeline and generate runs log it), else its end
+  minus its start.
 
 Computed here from the curve points: the uniform curve's quality at the router's mean tokens
 (linear interpolation between its points) and the tokens the uniform curve needs to reach the
@@ -88,11 +89,9 @@ def _entry(client, run, experiment: str) -> Entry:
         tags.update(k.data.tags)
     metrics.update(run.data.metrics)
     tags.update(run.data.tags)
-    seconds = None
-    if run.info.end_time and run.info.start_time:
+    seconds = run.data.metrics.get("seconds")  # what the run measured itself (stages, pipelines, generate)
+    if seconds is None and run.info.end_time and run.info.start_time:
         seconds = (run.info.end_time - run.info.start_time) / 1000.0
-    elif "seconds" in run.data.metrics:
-        seconds = float(run.data.metrics["seconds"])
     name = run.info.run_name or run.info.run_id[:8]
     return Entry(f"{name} ({run.info.run_id[:6]})", run.info.run_id, experiment, metrics, tags,
                  [run.info.run_id, *(k.info.run_id for k in kids)], seconds)

@@ -526,9 +526,11 @@ def run_generate(cfg: Config, *, parent_run_id: str | None = None) -> GenerateRe
                "classes": class_names, "metrics": metrics}
     storage.write_bytes_atomic(storage.join(p["output"], "metrics.json"),
                                json.dumps(summary, indent=2, default=str).encode())
-    run_id = _log(cfg, p, written, metrics, ar_sha, tok_sha, parent_run_id, resolve_tracking_uri, Lineage)
+    seconds = time.perf_counter() - t0
+    run_id = _log(cfg, p, written, {**metrics, "seconds": seconds}, ar_sha, tok_sha, parent_run_id,
+                  resolve_tracking_uri, Lineage)
     return GenerateResult(p["output"], int(metrics["gen/samples"]), int(metrics[PROTOCOL + "well_formed"]), metrics,
-                          written["files"], written["grid"], written["tokens"], run_id, time.perf_counter() - t0)
+                          written["files"], written["grid"], written["tokens"], run_id, seconds)
 
 
 def _log(cfg, p, written, metrics, ar_sha, tok_sha, parent_run_id, resolve_tracking_uri, Lineage) -> str | None:
