@@ -23,6 +23,7 @@ each AR model it is pointed at; ``mlflow_split(d)`` separates the numbers from t
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -53,8 +54,6 @@ def load_with_digest(src, what: str):
         raise FileNotFoundError(f"{what} model not found: {storage.redact(src)}")
     data = storage.read_bytes(src)
     model = _load(io.BytesIO(data))
-    import hashlib
-
     model.export_sha256 = hashlib.sha256(data).hexdigest()
     return model.eval(), model.export_sha256
 
