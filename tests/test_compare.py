@@ -73,6 +73,10 @@ def test_compare_finds_two_runs_on_a_server_and_draws_both_curves(mlflow_server,
     for k, v in _eval_metrics(UNI_B, 150, 27.0, {"seconds": 42.0}).items():
         client.log_metric(b, k, v)
     client.set_terminated(b)
+    # run C: a training run alone, none of the figures: left out of an experiment's columns
+    c = client.create_run(exp, run_name="train-only").info.run_id
+    client.log_metric(c, "loss", 0.5)
+    client.set_terminated(c)
 
     cfg = load_config(None, [f"mlflow.tracking_uri={mlflow_server}", f"mlflow.experiment={name}",
                              f"work_dir={tmp_path}"])
@@ -101,8 +105,11 @@ def test_compare_finds_two_runs_on_a_server_and_draws_both_curves(mlflow_server,
     assert run.data.tags["evatok.stage"] == "compare" and run.data.tags["evatok.compare.runs"] == f"{parent},{b}"
     assert {a.path for a in client.list_artifacts(r.mlflow_run_id, "compare")} == {
         "compare/curves.png", "compare/compare.csv", "compare/compare.json"}
+    assert r.left_out == [f"train-only ({c[:6]})"]
     again = C.run_compare(cfg, [name])
     assert [e.run_id for e in again.entries] == [parent, b]
+    named = C.compare(client, [c], name)  # named by its id, it is shown
+    assert [e.run_id for e in named.entries] == [c] and named.rows["router mean tokens"] == [None]
 
     # explicit run ids, through the command line; the missing figures print as "–"
     res = CliRunner().invoke(app, ["compare", b, parent, f"mlflow.tracking_uri={mlflow_server}",

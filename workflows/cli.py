@@ -288,6 +288,9 @@ def compare(
     cfg = _load(config, [t for t in items if "=" in t])
     r = _guarded(lambda: run_compare(cfg, [t for t in items if "=" not in t], out=out, metric=metric), debug)
     Console().print(r.table())
+    if r.left_out:
+        Console(highlight=False).print(f"left out (none of the figures): {', '.join(r.left_out)}", soft_wrap=True,
+                                       markup=False)
     Console(highlight=False).print(f"curves: {r.png or '-'}\ntable: {r.csv or '-'}\n"
                                    f"MLflow run: {r.mlflow_run_id or '-'}", soft_wrap=True, markup=False)
 

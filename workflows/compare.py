@@ -3,7 +3,8 @@
 A target is a run id, an experiment name, or a parent run (``evatok run``'s pipeline run). Each run
 becomes one column; a run with child runs (a pipeline) is one column whose figures are its children's
 metrics merged (a later child over an earlier one, the run's own metrics over both). An experiment
-gives one column per top-level run in it (earlier comparisons excluded). No target: the runs of the
+gives one column per top-level run in it (earlier comparisons, and runs with none of the figures,
+excluded). No target: the runs of the
 recipe's experiment (``mlflow.experiment``).
 
 What is read (docs/compare.md lists the names, so stages can log them):
@@ -71,6 +72,7 @@ class Entry:
     tags: dict[str, str]
     runs: list[str]
     seconds: float | None = None
+    named: bool = True          # given by its run id (else found in an experiment)
 
 
 # ============================================================================ reading MLflow
@@ -121,6 +123,7 @@ def resolve_targets(client, targets: list[str], default_experiment: str) -> list
                 if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("evatok.stage") != "compare"]
         for r in sorted(runs, key=lambda r: r.info.start_time or 0):
             entries.append(_entry(client, r, exp.name))
+            entries[-1].named = False
     seen, unique = set(), []
     for e in entries:
         if e.run_id not in seen:
@@ -230,6 +233,7 @@ class CompareResult:
     rows: dict[str, list]                    # label -> one value per entry
     quality: str
     drawn: list[tuple[str, str, int]] = field(default_factory=list)  # (entry, curve, points) on the PNG
+    left_out: list[str] = field(default_factory=list)  # runs of an experiment with none of the figures
     png: str | None = None
     csv: str | None = None
     mlflow_run_id: str | None = None
@@ -302,12 +306,19 @@ def compare(client, targets: list[str], default_experiment: str, quality: str = 
             budgets = [p[0] for p in uni]
             break
     per = [figures(e, quality, budgets) for e in entries]
+    # runs found in an experiment with none of the figures (ingest, a training run alone) add only dashes
+    empty = [not e.named and all(v is None for k, v in f.items() if k not in ("experiment", "wall time (s)"))
+             for e, f in zip(entries, per)]
+    left_out = []
+    if not all(empty):
+        left_out = [e.name for e, x in zip(entries, empty) if x]
+        entries, per = [e for e, x in zip(entries, empty) if not x], [f for f, x in zip(per, empty) if not x]
     labels: list[str] = []
     for f in per:
         labels += [k for k in f if k not in labels]
     rows = {k: [f.get(k) for f in per] for k in labels}
     rows = {k: v for k, v in rows.items() if " @ " not in k or any(x is not None for x in v)}
-    return CompareResult(entries, rows, quality)
+    return CompareResult(entries, rows, quality, left_out=left_out)
 
 
 def run_compare(cfg: Config, targets: list[str], out: str | None = None, metric: str = "psnr") -> CompareResult:
@@ -326,7 +337,7 @@ def run_compare(cfg: Config, targets: list[str], out: str | None = None, metric:
     summary = {"targets": targets or [cfg.mlflow.experiment], "quality": metric,
                "runs": [{"name": e.name, "run_id": e.run_id, "experiment": e.experiment, "merged": e.runs}
                         for e in result.entries],
-               "rows": result.rows, "drawn": result.drawn}
+               "rows": result.rows, "drawn": result.drawn, "left_out": result.left_out}
     if out:
         result.png, result.csv = storage.join(out, "curves.png"), storage.join(out, "compare.csv")
         storage.write_bytes_atomic(result.png, png)
