@@ -172,7 +172,8 @@ class EvaluateConfig:
     grid_clips: int = 4         # clips shown in the reconstruction grid
     lpips_backbone: str | None = None  # VGG16/AlexNet ImageNet weights file: adds LPIPS
     lpips_net: str = "vgg"
-    i3d: str | None = None      # TorchScript I3D file: adds rFVD
+    i3d: str | None = None      # TorchScript I3D file: adds rFVD (a TorchScript file is code: trusted input)
+    i3d_sha256: str | None = None  # its publisher's SHA-256: the file is checked before it is loaded
     ar: str = ""                # exported AR model(s), comma-separated: their generation metrics
                                 # (workflows.generate.generation_metrics; `evatok run`: work_dir/ar/ar.pt)
     classifier: str = ""        # the feature network of the generation metrics ("" -> generate's)
