@@ -188,7 +188,7 @@ def test_evaluate_lpips_and_rfvd_columns_when_weights_are_given(micro_run, tmp_p
     i3d = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(_Features()).save(str(i3d))
     cfg = eval_cfg(root, data, labels, max_clips=4, budgets="[24]", thresholds="[0.02]", lpips_net="alex",
-                   lpips_backbone=alex, i3d=i3d, output=tmp_path / "eval")
+                   lpips_backbone=alex, i3d=i3d, i3d_sha256=storage.sha256(str(i3d)), output=tmp_path / "eval")
     res = run_evaluate(cfg, quiet=True)
     rows = res.table.to_pylist()
     assert all(r["lpips"] > 0 and r["rfvd"] >= 0 for r in rows)
@@ -196,3 +196,9 @@ def test_evaluate_lpips_and_rfvd_columns_when_weights_are_given(micro_run, tmp_p
     assert rows[0]["protocol.i3d_sha256"] == storage.sha256(str(i3d)) and "alex" in rows[0]["protocol.lpips_net"]
     # measured per method: the methods' reconstructions differ, so do their distances
     assert len({round(r["lpips"], 9) for r in rows}) > 1 and len({round(r["rfvd"], 12) for r in rows}) > 1
+    assert "checked" in rows[0]["protocol.rfvd_net"]
+    from evatok.metrics import DigestMismatchError  # a TorchScript file is code: another file is never loaded
+
+    with pytest.raises(DigestMismatchError):
+        run_evaluate(eval_cfg(root, data, labels, max_clips=2, i3d=i3d, i3d_sha256="0" * 64,
+                              output=tmp_path / "eval2"), quiet=True)

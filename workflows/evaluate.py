@@ -361,8 +361,9 @@ def run_evaluate(cfg, run_id: str | None = None, quiet: bool = False) -> Evaluat
     if ec.i3d:
         from evatok.metrics import FVD
 
-        fvd = FVD(_local(ec.i3d), device=device)
-        protocol.update({"i3d_sha256": storage.sha256(ec.i3d), "rfvd_net": "I3D TorchScript (i3d_torchscript.pt)"})
+        fvd = FVD(_local(ec.i3d), device=device, sha256=ec.i3d_sha256)  # checked before loading when given
+        protocol.update({"i3d_sha256": storage.sha256(ec.i3d), "rfvd_net": "I3D TorchScript (i3d_torchscript.pt)"
+                         + (", SHA-256 checked before loading" if ec.i3d_sha256 else "")})
 
     # labels and rewards (label stage output): oracle, top-1/top-5, reward percentiles
     labels = rewards = None
@@ -579,7 +580,7 @@ def _log_mlflow(cfg, run_id: str, folder: str, metrics: dict, protocol: dict, ge
 
 # ----------------------------------------------------------------------------- pipeline stage helpers
 RUNTIME = frozenset({"clips", "tokenizer", "router", "labels", "output", "batch_size", "lpips_backbone", "i3d",
-                     "ar", "classifier"})
+                     "i3d_sha256", "ar", "classifier"})
 FILES = ("metrics.parquet", "metrics.csv", "assignments.parquet", "quality_cost.png", "assignments.png",
          "recon_grid.png", "protocol.json", "summary.json", "generation.json")
 
