@@ -9,6 +9,11 @@ Losses (returned per call, averaged over the valid tokens only):
   entropy  = mean_i H(p_i) - H(mean_i p_i) with p_i = softmax(<z_i, c> / temperature) (MAGVIT-v2), raw: the
              training recipe applies its weight (gamma = 0.02). Minimising it makes each token confident and
              the batch use the whole codebook.
+             [I] With ``entropy_tokens`` > 0 both entropy terms are estimated on that many valid tokens drawn
+             at random (without replacement) from the batch: the softmax over the codebook is the cost of a
+             large codebook on a CPU (1,600 tokens x 16,384 codes a tiny batch = 3.5x the step time of 1,024
+             codes); a uniform subsample is an unbiased estimate of the per-token term and a consistent one of
+             the batch term. 0 = every token (the paper's behaviour, where a GPU makes it cheap).
 The straight-through estimator passes the decoder's gradient to the encoder: z + (q - z).detach().
 """
 from __future__ import annotations
@@ -20,10 +25,10 @@ import torch.nn.functional as F
 
 class VectorQuantizer(nn.Module):
     def __init__(self, in_dim: int, codebook_size: int = 1024, code_dim: int = 8, beta: float = 0.25,
-                 entropy_temperature: float = 0.01):
+                 entropy_temperature: float = 0.01, entropy_tokens: int = 0):
         super().__init__()
         self.codebook_size, self.code_dim = codebook_size, code_dim
-        self.beta, self.entropy_temperature = beta, entropy_temperature
+        self.beta, self.entropy_temperature, self.entropy_tokens = beta, entropy_temperature, entropy_tokens
         self.proj = nn.Linear(in_dim, code_dim)  # down to the lookup space
         self.embedding = nn.Embedding(codebook_size, code_dim)
         nn.init.normal_(self.embedding.weight)
@@ -52,6 +57,8 @@ class VectorQuantizer(nn.Module):
         cb_loss = (((q - z.detach()) ** 2).sum(-1) * w).sum() / (n * self.code_dim)
         commit = (((z - q.detach()) ** 2).sum(-1) * w).sum() / (n * self.code_dim)
         zv = z[mask]  # [n, code_dim], valid tokens only
+        if 0 < self.entropy_tokens < zv.shape[0]:
+            zv = zv[torch.randperm(zv.shape[0], device=zv.device)[: self.entropy_tokens]]
         p = torch.softmax(zv @ self.codebook().t() / self.entropy_temperature, dim=-1)
         per_sample = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
         avg = p.mean(0)

@@ -41,6 +41,9 @@ from evatok.layers import KV, QFormerLayer
 from evatok.quantizer import VectorQuantizer
 
 
+QUERY_INITS = ("finest", "cells", "first")
+
+
 @dataclass
 class TokenizerConfig:
     frames: int = 16
@@ -59,6 +62,7 @@ class TokenizerConfig:
     code_dim: int = 8
     beta: float = 0.25
     entropy_temperature: float = 0.01
+    entropy_tokens: int = 0  # 0: the entropy loss over every token; n: over n tokens drawn from the batch
     align_layer: int = 1
     query_init: str = "finest"  # decoder 3D queries from: "finest" | "cells" | "first" (paper); see _seed
 
@@ -70,8 +74,8 @@ class TokenizerConfig:
             raise ValueError(f"counts must be increasing powers of two, got {self.counts}")
         if self.kmax > 2 * self.grid ** 2:
             raise ValueError(f"{self.kmax} tokens need a pyramid finer than the {self.grid}x{self.grid} grid")
-        if self.query_init not in ("cells", "finest", "first"):
-            raise ValueError(f"query_init must be 'cells', 'finest' or 'first', got {self.query_init!r}")
+        if self.query_init not in QUERY_INITS:
+            raise ValueError(f"query_init must be one of {', '.join(QUERY_INITS)}, got {self.query_init!r}")
         if not 1 <= self.align_layer <= self.dec_layers:
             raise ValueError(f"align_layer must be in [1, {self.dec_layers}], got {self.align_layer}")
 
@@ -162,7 +166,8 @@ class AdaptiveTokenizer(nn.Module):
         self.enc_block = nn.Parameter(torch.zeros(nb, c.enc_dim))
         self.encoder = nn.ModuleList(QFormerLayer(c.enc_dim, c.enc_heads, c.mlp_ratio) for _ in range(c.enc_layers))
         self.enc_norm = nn.LayerNorm(c.enc_dim)
-        self.quantizer = VectorQuantizer(c.enc_dim, c.codebook_size, c.code_dim, c.beta, c.entropy_temperature)
+        self.quantizer = VectorQuantizer(c.enc_dim, c.codebook_size, c.code_dim, c.beta, c.entropy_temperature,
+                                         c.entropy_tokens)
         self.post_quant = nn.Linear(c.code_dim, c.dec_dim)
         self.token_pos = nn.Parameter(torch.zeros(c.kmax, c.dec_dim))
         self.dec_block = nn.Parameter(torch.zeros(nb, c.dec_dim))
@@ -174,7 +179,7 @@ class AdaptiveTokenizer(nn.Module):
         full = pyramid_cover(c.kmax, c.grid)
         cover = torch.zeros(len(c.counts), hw, c.kmax)
         for i, k in enumerate(c.counts):
-            lo = {"cells": 0, "finest": k // 2, "first": 0}[c.query_init]
+            lo = k // 2 if c.query_init == "finest" else 0
             hi = 1 if c.query_init == "first" else k
             cover[i, :, lo:hi] = full[:, lo:hi]
         # [n_counts, hw, kmax]: which of a block's tokens seed which 3D query, for each candidate count

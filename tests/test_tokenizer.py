@@ -168,6 +168,31 @@ def test_quantizer_losses_and_straight_through():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_quantizer_entropy_on_a_token_subsample():
+    """``entropy_tokens``: the entropy terms on that many valid tokens drawn from the batch (padding never),
+    the full batch when it has no more; the other losses still over every token."""
+    torch.manual_seed(0)
+    full = VectorQuantizer(16, codebook_size=64, code_dim=8)
+    sub = VectorQuantizer(16, codebook_size=64, code_dim=8, entropy_tokens=6)
+    sub.load_state_dict(full.state_dict())
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    _, _, lf = full(x, mask)
+    torch.manual_seed(1)
+    _, _, ls = sub(x, mask)
+    assert torch.allclose(lf["commit"], ls["commit"]) and torch.allclose(lf["codebook"], ls["codebook"])
+    z = F.normalize(full.proj(x), dim=-1)[mask]
+    torch.manual_seed(1)
+    pick = torch.randperm(8)[:6]  # the same draw: 6 of the 8 valid tokens
+    p = torch.softmax(z[pick] @ full.codebook().t() / 0.01, -1)
+    ent = lambda d: -(d * d.clamp_min(1e-12).log()).sum(-1)  # noqa: E731
+    assert torch.allclose(ls["entropy"], ent(p).mean() - ent(p.mean(0)), atol=1e-5)
+    assert not torch.allclose(ls["entropy"], lf["entropy"])
+    big = VectorQuantizer(16, codebook_size=64, code_dim=8, entropy_tokens=100)
+    big.load_state_dict(full.state_dict())
+    assert torch.allclose(big(x, mask)[2]["entropy"], lf["entropy"])  # fewer tokens than n: all of them
+
+
 def test_training_smoke_reconstruction_drops():
     """Tiny preset, plain AdamW, 4 fixed smooth clips, random assignments: the reconstruction MSE falls well
     below its start, and below the clips' own variance (so it learned more than each clip's mean colour)."""
