@@ -287,6 +287,12 @@ def ar_models(ec) -> list[str]:
             if storage.exists(u)]
 
 
+def classifier_file(ec) -> str:
+    """``evaluate.classifier`` if that file exists, else "" (``evatok run`` names the pipeline's classifier
+    export before it is trained; a stage run alone may have none)."""
+    return ec.classifier if ec.classifier and storage.exists(ec.classifier) else ""
+
+
 def generation(cfg, tokenizer_uri: str) -> dict[str, float | str]:
     """``workflows.generate.generation_metrics`` for every AR model of ``ar_models``; empty when there is
     none or that module is not there."""
@@ -299,8 +305,8 @@ def generation(cfg, tokenizer_uri: str) -> dict[str, float | str]:
         print("[evaluate] evaluate.ar is set but workflows.generate is not there: no generation metrics", flush=True)
         return {}
     settings = metric_settings(cfg)
-    if cfg.evaluate.classifier:
-        settings["classifier"] = cfg.evaluate.classifier
+    if classifier_file(cfg.evaluate):
+        settings["classifier"] = classifier_file(cfg.evaluate)
     out: dict = {}
     for uri in ars:
         name = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
@@ -594,9 +600,11 @@ def stage_fingerprint(cfg):
     ec = cfg.evaluate
     conf = F.section(ec, "evaluate", RUNTIME)
     inputs = {"clips": F.dataset_input(clips_prefix(ec.clips)), "tokenizer": F.file_input(ec.tokenizer)}
-    for role in ("router", "lpips_backbone", "i3d", "classifier"):
+    for role in ("router", "lpips_backbone", "i3d"):
         if getattr(ec, role):
             inputs[role] = F.file_input(getattr(ec, role))
+    if ar_models(ec) and classifier_file(ec):
+        inputs["classifier"] = F.file_input(classifier_file(ec))
     if ec.labels:
         inputs["labels"] = F.dataset_input(ec.labels)
     ars = ar_models(ec)

@@ -569,14 +569,8 @@ def _log(cfg, p, written, metrics, ar_sha, tok_sha, parent_run_id, resolve_track
 
 # ============================================================================ training the classifier
 def classifier_stage():
-    """The ``train classifier`` stage: the shared training stage for the classifier model (not part of
-    ``evatok run``'s chain unless appended to ``workflows.run.PIPELINE``)."""
+    """The ``train classifier`` stage: the pipeline's training stage for the classifier model (``evatok run``
+    trains it after the AR model, so ``evaluate`` reports classifier accuracy and Frechet distance)."""
     from workflows.run import TrainStage
 
-    class ClassifierStage(TrainStage):
-        def __init__(self):
-            self.name = self.model = "classifier"
-            self.title = "video classifier (generation metrics)"
-            self.role_stage = {"data": "ingest", "val_data": "ingest"}
-
-    return ClassifierStage()
+    return TrainStage("classifier")

@@ -132,6 +132,7 @@ def resolve(recipe, overrides=(), target: str | None = None) -> Plan:
         sec.labels = sec.labels or labels
         sec.val_every = models["final"].train.val_every if sec.val_every is None else sec.val_every
     base.evaluate.ar = base.evaluate.ar or exports["ar"]  # generation metrics once the AR model exists
+    base.evaluate.classifier = base.evaluate.classifier or exports["classifier"]  # their feature network
     from workflows.tokenize import codes_uri
 
     for m, c in models.items():
@@ -354,10 +355,10 @@ class TrainStage(Stage):
     def __init__(self, model: str):
         self.name = self.model = model
         self.title = {"proxy": "proxy tokenizer", "router": "router", "final": "final tokenizer",
-                      "ar": "AR generator"}[model]
+                      "ar": "AR generator", "classifier": "video classifier (generation metrics)"}[model]
         self.role_stage = {"data": "ingest", "val_data": "ingest", **{
             "proxy": {}, "router": {"labels": "label"}, "final": {"router": "router"},
-            "ar": {"data": "tokenize", "router": "router", "tokenizer": "final"}}[model]}
+            "ar": {"data": "tokenize", "router": "router", "tokenizer": "final"}, "classifier": {}}[model]}
 
     def config(self, plan):
         return plan.models[self.model]
@@ -454,7 +455,8 @@ class EvaluateStage(Stage):
     """Held-out reconstruction quality against mean tokens (``workflows.evaluate``): table, plots, MLflow."""
     name, title = "evaluate", "quality against tokens, held out"
     unit = "files"
-    role_stage = {"clips": "ingest", "tokenizer": "final", "router": "router", "labels": "label", "ar": "ar"}
+    role_stage = {"clips": "ingest", "tokenizer": "final", "router": "router", "labels": "label", "ar": "ar",
+                  "classifier": "classifier"}
 
     def place(self, cfg):
         return storage.canonical(cfg.evaluate.output)
@@ -485,7 +487,8 @@ class EvaluateStage(Stage):
 
 #: The chain, in order. A new stage joins by being added to this list.
 PIPELINE: list[Stage] = [IngestStage(), TrainStage("proxy"), LabelStage(), TrainStage("router"),
-                         TrainStage("final"), TokenizeStage(), TrainStage("ar"), EvaluateStage()]
+                         TrainStage("final"), TokenizeStage(), TrainStage("ar"), TrainStage("classifier"),
+                         EvaluateStage()]
 
 
 def stage_names() -> list[str]:
