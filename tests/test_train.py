@@ -5,6 +5,7 @@ models load in plain ``evatok``. Few trainer runs, all marked slow."""
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -62,8 +63,13 @@ def test_router_resumes_after_worker_kill_on_s3_and_rerun_is_a_noop(ray_local, s
     runs = client.search_runs([client.get_experiment_by_name("evatok").experiment_id],
                               "tags.`evatok.run` = 'resume-router'")
     assert [r.info.run_id for r in runs] == [res.mlflow_run_id]
-    steps = sorted({m.step for m in client.get_metric_history(res.mlflow_run_id, "loss")})
-    assert steps == [1, 2, 3, 4, 5, 6]
+    # The history itself: each step exactly once (a restart from step 0, or the replay of step 3 after
+    # the checkpoint of step 2, would log steps again); the resumed worker started at the checkpoint's
+    # step and data position (step 2: epoch 0, 2 micro-batches of 2 clips per rank consumed of 4).
+    history = client.get_metric_history(res.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    resumed = json.loads(client.get_run(res.mlflow_run_id).data.tags["evatok.resumed_from"])
+    assert resumed == {"step": 2, "epoch": 0, "micro_in_epoch": 2}
     assert client.get_run(res.mlflow_run_id).data.params["train.model"] == "router"
     # rerunning the same command finds the run done
     monkeypatch.delenv("EVATOK_TEST_FAIL_ONCE")

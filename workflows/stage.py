@@ -95,8 +95,22 @@ def ensure_ray():
 
 
 def quiet_data_context(ray) -> None:
+    """The Ray Data settings every stage runs with: progress bars only on a terminal, and actor tasks
+    retried when their actor's node went away mid-call (``ActorUnavailableError``: "the task may or may
+    not have been executed"). Ray does not retry those by itself, even with ``max_task_retries``. Our
+    units are idempotent (outputs are deterministic and published whole), so running one again is
+    safe; the count stays finite (``label.max_task_retries``). Not enough for a lost node: the retries
+    are spent before Ray declares the node dead and restarts the actor elsewhere (see the xfail in
+    ``tests/test_label.py``)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    retry = ctx.actor_task_retry_on_errors
+    if retry is not True:
+        retry = list(retry or [])
+        for err in (ray.exceptions.ActorUnavailableError,):
+            if err not in retry:
+                retry.append(err)
+        ctx.actor_task_retry_on_errors = retry
 
 
 class Progress:

@@ -116,6 +116,7 @@ class Tracker:
         self.system_metrics = system_metrics
         self.tags = dict(tags or {})
         self.run_id: str | None = None
+        self.logged_through = 0  # a reopened run: the last step its "loss" history already has
         self._failures = 0
         self._mlflow = None
 
@@ -160,6 +161,11 @@ class Tracker:
             tags = {"evatok.run": self.run_name, **self.tags}
             if run_id is not None:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics)
+                try:
+                    history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+                    self.logged_through = max((m.step for m in history), default=0)
+                except Exception as e:  # noqa: BLE001 - a step may be logged twice; training goes on
+                    self._fail("metric history", e)
             else:
                 run = mlflow.start_run(run_name=self.run_name, tags=tags, log_system_metrics=self.system_metrics)
             self.run_id = run.info.run_id

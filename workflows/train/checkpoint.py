@@ -9,6 +9,14 @@ One Ray checkpoint directory (every rank writes into its own temp dir, Ray merge
   every rank draws different random assignments, so every rank restores its own stream.
 - ``loop_state.json`` (rank 0): step, data position (epoch, micro-batch within the epoch), samples
   seen and the MLflow run id, so a restart continues mid-epoch in the same MLflow run.
+- ``files_rank<r>.json``: every file rank r wrote, with its size: a checkpoint on storage is complete
+  when every rank's list is there and every listed file has its size (``latest_complete``).
+
+Which checkpoint a restart resumes: the newer of Ray's own (``ray.train.get_checkpoint()``) and the
+newest complete one on storage. Ray Train registers a checkpoint when the controller collects the
+report; a worker that dies right after reporting (an OOM kill, a lost node) can take the report with
+it, and Ray then restarts from an older checkpoint, or from step 0, although a complete newer one is
+on storage (seen: a kill one step after the step-2 checkpoint restarted at step 0).
 
 Resume never unpickles arbitrary objects. Whoever can write to the checkpoint prefix
 (``work_dir/ray_results``) must not get code execution on the training nodes, so every file is
@@ -46,6 +54,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "loop_state.json"
+MANIFEST = "files_rank{rank}.json"
 MODEL_TAG = "model"
 DISC_TAG = "disc"
 
@@ -163,6 +172,54 @@ def save(directory: str | Path, rank: int, state: LoopState, engine, disc_engine
     torch.save(rng_state(generator), d / f"rng_rank{rank}.pt")
     if rank == 0:
         (d / STATE_FILE).write_text(state.to_json())
+    files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+    (d / MANIFEST.format(rank=rank)).write_text(json.dumps(files, sort_keys=True))
+
+
+def latest_complete(root: str, world: int) -> tuple[str, int] | None:
+    """``(uri, step)`` of the newest checkpoint under a Ray Train run's storage folder ``root`` that is
+    complete for ``world`` ranks (every ``files_rank<r>.json``, and every file it lists with its size),
+    or None. Every rank computes the same answer from the same listing."""
+    from workflows import storage
+
+    base = storage.canonical(root).rstrip("/") + "/"
+    dirs: dict[str, dict[str, int]] = {}
+    for uri, size, _ in storage.list_files(root):
+        rel = uri[len(base):] if uri.startswith(base) else None
+        if rel and rel.startswith("checkpoint_") and "/" in rel:
+            name, path = rel.split("/", 1)
+            dirs.setdefault(name, {})[path] = size
+    best = None
+    for name, files in dirs.items():
+        try:
+            lists = [json.loads(storage.read_bytes(storage.join(root, name, MANIFEST.format(rank=r))))
+                     for r in range(world)] if all(MANIFEST.format(rank=r) in files for r in range(world)) else None
+            if not lists or STATE_FILE not in files or any(files.get(p) != n for fl in lists for p, n in fl.items()):
+                continue
+            step = LoopState.from_json(storage.read_bytes(storage.join(root, name, STATE_FILE)).decode()).step
+        except (storage.StorageError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # unreadable or partial: not a candidate
+        if best is None or (step, name) > (best[1], best[0]):
+            best = (name, step)
+    return (storage.join(root, best[0]), best[1]) if best else None
+
+
+def download(uri: str, directory: str | Path) -> Path:
+    """Copy a checkpoint folder from storage into a local directory (for ``load``)."""
+    from workflows import storage
+
+    d = Path(directory)
+    base = storage.canonical(uri).rstrip("/") + "/"
+    for f, _, _ in storage.list_files(uri):
+        target = d / f[len(base):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(f))
+    return d
+
+
+def state_of(directory: str | Path) -> LoopState | None:
+    p = Path(directory) / STATE_FILE
+    return LoopState.from_json(p.read_text()) if p.exists() else None
 
 
 def load(directory: str | Path, rank: int, engine, disc_engine=None,

@@ -17,7 +17,9 @@ once after that step (the marker file records that it happened).
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import tempfile
 import time
@@ -160,10 +162,18 @@ def train_worker(config: dict) -> dict:
     d_engine = _engine(disc, t, world, t.disc_lr, t.disc_betas, t.steps, "constant", t.disc_lr) if disc is not None else None
 
     state = ckpt.LoopState()
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
+    # Resume from the newer of Ray's checkpoint and the newest complete one on storage (Ray can lose
+    # the report of a checkpoint whose worker died right after it: workflows/train/checkpoint.py).
+    ray_ckpt = ray.train.get_checkpoint()
+    on_storage = ckpt.latest_complete(config["ckpt_root"], world) if config.get("ckpt_root") else None
+    with contextlib.ExitStack() as stack:
+        d = stack.enter_context(ray_ckpt.as_directory()) if ray_ckpt is not None else None
+        ray_step = ckpt.state_of(d).step if d is not None and ckpt.state_of(d) is not None else -1
+        if on_storage is not None and on_storage[1] > ray_step:
+            d = ckpt.download(on_storage[0], stack.enter_context(tempfile.TemporaryDirectory()))
+        if d is not None:
             state = ckpt.load(d, rank, engine, d_engine, gen)
+    resumed = d is not None or None
 
     tracker = Tracker(worker_uri(config["tracking_uri"], config.get("tracking_env")), cfg.mlflow.experiment,
                       config["run_name"], enabled=rank == 0,
@@ -171,6 +181,9 @@ def train_worker(config: dict) -> dict:
                       tags={"evatok.claim": config["claim_id"]} if config.get("claim_id") else None)
     if rank == 0:
         state.mlflow_run_id = tracker.start(state.mlflow_run_id)
+        if resumed is not None:  # where this worker starts: the checkpoint's step and data position
+            tracker.set_tags({"evatok.resumed_from": json.dumps(
+                {"step": state.step, "epoch": state.epoch, "micro_in_epoch": state.micro_in_epoch})})
         if resumed is None:
             tracker.log_params(flatten(to_dict(cfg)))
             tracker.log_input(config["data_uri"], name=f"{t.model}-train", digest=config["data_digest"])
@@ -234,7 +247,9 @@ def train_worker(config: dict) -> dict:
             eta = (t.steps - state.step) * t.batch_size / max(sps, 1e-9)
             print(f"[{config['run_name']}] step {state.step}/{t.steps} loss {logs['loss']:.4f} "
                   f"{sps:.1f} samples/s eta {_fmt_eta(eta)}", flush=True)
-            tracker.log_metrics({**logs, "samples_per_s": sps, "epoch": state.epoch}, step=state.step)
+            if state.step > tracker.logged_through:  # a resume replays the steps after its checkpoint (same
+                # data, same RNG): the ones the interrupted attempt logged stay logged once
+                tracker.log_metrics({**logs, "samples_per_s": sps, "epoch": state.epoch}, step=state.step)
         if state.step % t.checkpoint_every == 0 or state.step == t.steps:
             save_and_report({"loss": logs["loss"]})
         _maybe_fail(state.step, rank)
@@ -513,7 +528,8 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
         "data_uri": uri, "data_digest": fp.inputs["data"]["digest"], "rows": rows, "per_epoch": per_epoch,
         "classes": classes, "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
         "upstream_tags": _upstream_tags(cfg, parent_run_id),
-        "claim_id": claim["claim_id"],  # scopes the MLflow run this one may reopen (a resume: the same claim)
+        "claim_id": claim["claim_id"],
+        "ckpt_root": storage.join(cfg.work_dir, "ray_results", ray_run),  # where this run's checkpoints land  # scopes the MLflow run this one may reopen (a resume: the same claim)
     }
     trainer = TorchTrainer(
         train_worker,
