@@ -166,6 +166,9 @@ class ConcurrentRunError(StageError):
 
 # Claims this process holds: place -> owner token (a claim is checked against it before the record).
 _HELD: dict[str, str] = {}
+# The claim ``decide`` saw at a place: None (none there) or its owner token ("" for a claim without one).
+_SEEN: dict[str, str | None] = {}
+_UNSEEN = object()
 
 
 def _owner() -> dict:
@@ -193,11 +196,20 @@ def write_claim(place: str, fp: Fingerprint, **extra) -> dict:
     - a claim with our fingerprint (an interrupted run being resumed), or with another one (``decide``
       chose a fresh start): taken over by rewriting it with our owner token.
 
-    Either way the claim is read back: a store that ignores ``IfNoneMatch``, or a concurrent takeover,
-    shows as another owner (``ConcurrentRunError``); ``check_claim`` (called by ``update_record`` and
-    before training publishes its record) looks again before anything is published as done."""
+    A claim that appeared or changed owner since ``decide`` looked is a concurrent run's:
+    ``ConcurrentRunError``, never a takeover. Either way the claim is read back: a store that ignores
+    ``IfNoneMatch``, or a concurrent takeover, shows as another owner (``ConcurrentRunError``);
+    ``check_claim`` (called by ``update_record`` and before training publishes its record) looks again
+    before anything is published as done. What no claim can tell is whether the owner of an old claim
+    is still alive: a second run that resumes a claim while its owner is still running takes it over,
+    and the first is refused when it checks its claim (it records nothing)."""
     uri = storage.join(place, CLAIM)
+    expected = _SEEN.pop(storage.canonical(place), _UNSEEN)
     old = read_json(uri)
+    if old is not None and expected is not _UNSEEN and \
+            ((old.get("owner") or {}).get("token") or "") != expected:
+        raise ConcurrentRunError(f"{storage.redact(place)} was claimed by a concurrent run ({_who(old)}) after "
+                                 f"this one looked; wait for it, then rerun (it resumes or skips)")
     owner = _owner()
     body = {"fingerprint": fp.to_json(), **extra, "owner": owner}
     same = old is not None and (old.get("fingerprint") or {}).get("hash") == fp.hash
@@ -268,6 +280,7 @@ def decide(label: str, fp: Fingerprint, place: str, force: bool = False,
            check_outputs: Callable[[dict], list[str]] = outputs_changed) -> Decision:
     """What to do at ``place`` for a stage with fingerprint ``fp`` (see the module doc)."""
     record, claim = read_record(place), read_claim(place)
+    _SEEN[storage.canonical(place)] = None if claim is None else ((claim.get("owner") or {}).get("token") or "")
     reasons: list[str] = []
     old = (record or {}).get("fingerprint")
     if old:
