@@ -221,17 +221,6 @@ def train(
     if model not in MODELS:
         console.print(f"[red]config error:[/red] unknown model {model!r}; choose from {', '.join(MODELS)}")
         raise typer.Exit(2)
-    from workflows.run import stage_names
-
-    if model not in stage_names():  # the classifier: not in `evatok run`'s chain, same loop and bookkeeping
-        from workflows.generate import classifier_stage
-        from workflows.run import Runner, resolve
-
-        def go():
-            runner = Runner(resolve(config, overrides or [], target=model), force=force, verbose=verbose, parent=False)
-            return runner.run_stage(classifier_stage())
-        _guarded(go, debug)
-        return
     _stages(config, overrides, [model], force=force, debug=debug, verbose=verbose, parent=False, target=model)
 
 
