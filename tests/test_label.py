@@ -17,7 +17,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from ray.exceptions import ActorUnavailableError
 
 from evatok.assignment import AssignmentSpace, RewardStats, best_assignment
 from evatok.export import save_model
@@ -121,12 +120,6 @@ def test_label_equals_bruteforce_relabel_equals_fresh_run(ray_local, clips_dir, 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, raises=ActorUnavailableError, reason=(
-    "issue 14, found by this test: a unit in flight on a lost node fails the label stage. Ray raises "
-    "ActorUnavailableError for it; retried (workflows.stage.quiet_data_context), the finite "
-    "label.max_task_retries are spent in about a second, long before the control plane declares the "
-    "node dead and restarts the actor on the new node. Fix for workflows/label.py: rerun the missing "
-    "units (the stage already resumes by unit) a bounded number of times after an actor/node loss."))
 def test_label_survives_losing_the_node_that_runs_it(tmp_path, tiny_videos, monkeypatch, s3_server):
     """The node running the label actors dies while a unit is in flight there; the first run itself
     completes (no rerun, no catch-all) with every clip scored exactly once.
@@ -138,8 +131,11 @@ def test_label_survives_losing_the_node_that_runs_it(tmp_path, tiny_videos, monk
       ``EVATOK_TEST_CRASH=0:<dir>`` hook, which never crashes with 0); the node is removed as soon as the
       first line appears, i.e. while that unit is being scored.
     - Shown by the counts: no unit had finished when the node went, and there were more unit calls
-      than units (the interrupted one ran again on the replacement). With ``label.max_restarts=0``
-      and ``label.max_task_retries=0`` this test fails: the run raises."""
+      than units (the interrupted one ran again on the replacement).
+    - What survives it: Ray's actor restarts and task retries are spent within a second, long before the
+      control plane declares the node dead (ActorUnavailableError); the stage then rescores the units it
+      has not seen with a fresh actor pool (``label.pool_retries``). With ``label.pool_retries=0`` this
+      test fails: the run raises ActorUnavailableError."""
     import ray
     from ray.cluster_utils import Cluster
 

@@ -65,6 +65,7 @@ class LabelConfig:
     lpips_net: str = "vgg"
     max_restarts: int = 3       # Ray restarts of a label actor whose process died; finite (Ray Data's default is -1)
     max_task_retries: int = 3   # Ray retries of a shard call on a restarted actor; finite
+    pool_retries: int = 2       # fresh actor pools for the units still missing after a worker/node loss; finite
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor,
                                 # e.g. {evatok_gpu: 0.001} pins label actors to the GPU pool (infra/README.md)
     stats_samples: int = 10_000  # random (clip, assignment) pairs for the normalisation statistics

@@ -529,6 +529,23 @@ def write_stats(out: str, lc, counts) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+#: Ray errors of a worker or node that went away (a spot node reclaimed, an OOM kill): the units it held are
+#: rescored by a fresh actor pool, ``label.pool_retries`` times at most. Matched by name along the cause
+#: chain, since Ray Data re-raises them wrapped.
+_LOST = {"ActorDiedError", "ActorUnavailableError", "RayActorError", "NodeDiedError", "WorkerCrashedError",
+         "OwnerDiedError", "ObjectLostError", "ObjectReconstructionFailedError", "LocalRayletDiedError"}
+
+
+def _lost_worker(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(c.__name__ in _LOST for c in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_label(cfg, quiet: bool = False) -> LabelSummary:
     """Score every clip with the proxy on a Ray Data actor pool, then stats.json and labels.
 
@@ -588,7 +605,11 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     progress = Progress("label", len(items), quiet)
     progress.line(f"{len(shards)} clips shards ({len(done)} already scored); {len(items)} work units of <= "
                   f"{lc.clips_per_task} clips ({clips_todo} clips) to score, {summary.units_skipped} already scored")
-    if items:
+    scored, shown = 0, 0.0
+
+    def score(items: list[dict]) -> None:
+        """One actor pool over ``items``; publishes each shard as its last unit lands."""
+        nonlocal scored, shown
         ray = ensure_ray()
         from workflows.stage import quiet_data_context
 
@@ -605,16 +626,15 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
             num_cpus=lc.num_cpus_per_actor, num_gpus=lc.gpus_per_actor if lc.use_gpu else 0,
             max_restarts=lc.max_restarts, max_task_retries=lc.max_task_retries,
             **({"resources": dict(lc.resources)} if lc.resources else {}))
-        scored, shown = 0, 0.0
         for row in ds.iter_rows():
             u = json.loads(row["info"])
             i = u["shard"]
             summary.units_written += 1
             scored += u["clips"]
             el = time.perf_counter() - progress.t0
-            if el - shown >= PROGRESS_EVERY_S or summary.units_written == len(items):  # a line every few s
+            if el - shown >= PROGRESS_EVERY_S or summary.units_written == summary.units:  # every few s
                 shown = el
-                progress.line(f"{summary.units_written}/{len(items)} units, {scored}/{clips_todo} clips "
+                progress.line(f"{summary.units_written}/{summary.units} units, {scored}/{clips_todo} clips "
                               f"({el:.1f}s, {scored / max(el, 1e-9):.2f} clips/s): last shard {i} rows "
                               f"{u['start']}-{u['stop']} ({u['seconds']:.1f}s, pid {u['pid']})")
             pending[i].discard((u["start"], u["stop"]))
@@ -625,6 +645,22 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
                 infos.append(info)
                 summary.shards_written += 1
                 progress.line(f"shard {i}: {info['clips']} clips in {info['units']} units published")
+
+    attempt = 0
+    while items:
+        try:
+            score(items)
+            break
+        except Exception as e:  # noqa: BLE001 - only a lost worker or node is retried; the rest re-raises
+            if not _lost_worker(e) or attempt >= lc.pool_retries:
+                raise
+            attempt += 1
+            # the units whose rows the driver has not seen; one that landed unseen is rescored to the
+            # same deterministic name (exactly once by key)
+            items = [x for x in items if (x["start"], x["stop"]) in pending.get(x["shard"], ())]
+            progress.line(f"a label worker or its node was lost ({type(e).__name__}); a fresh pool rescores "
+                          f"the {len(items)} units not yet scored (retry {attempt}/{lc.pool_retries})")
+            time.sleep(min(30.0, 2.0 * attempt))  # room for the control plane to replace the node
     summary.clips = sum(x["clips"] for x in infos)
     if not storage.exists(storage.join(out, "stats.json")):
         counts = {tuple(x["counts"]) for x in infos if x["clips"]}
