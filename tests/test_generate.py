@@ -157,6 +157,14 @@ def test_fvd_only_with_an_i3d_file_and_with_its_digest(models, tmp_path):
                              i3d=str(path), samples_per_class=1, batch_size=3)
     assert m["gen/fvd"] >= 0.0 and m[G.PROTOCOL + "i3d_sha256"] == _sha(path)
     assert "gen/classifier_acc" not in m  # no classifier given
+    from evatok.metrics import DigestMismatchError
+
+    with pytest.raises(DigestMismatchError):  # a digest that does not match: refused before loading
+        G.generation_metrics(models["ar"], models["tokenizer"], real_videos=real, real_labels=names,
+                             i3d=str(path), i3d_sha256="0" * 64, samples_per_class=1, batch_size=3)
+    m = G.generation_metrics(models["ar"], models["tokenizer"], real_videos=real, real_labels=names,
+                             i3d=str(path), i3d_sha256=_sha(path), samples_per_class=1, batch_size=3)
+    assert m["gen/fvd"] >= 0.0
 
 
 def test_a_classifier_of_another_clip_shape_is_refused(models, tmp_path):

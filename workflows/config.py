@@ -199,6 +199,7 @@ class GenerateConfig:
     real: str = ""              # real clips the features are compared with; "" -> train.data, else work_dir/data
     real_clips: int = 256       # at most this many real clips (the first, in shard order)
     i3d: str | None = None      # TorchScript I3D file (i3d_torchscript.pt): adds gFVD
+    i3d_sha256: str | None = None  # its publisher's SHA-256: the file is checked before it is loaded
     threads: int = 1            # torch CPU threads (no GPU): sampling is many tiny steps; measured on the tiny
                                 # recipe, 1 thread drew 4.6 samples/s, 2 threads 0.30 (2 busy cores); 0 = torch's default
 

@@ -76,7 +76,7 @@ def metric_settings(cfg: Config) -> dict:
     g = cfg.generate
     p = places(cfg)
     return {"classifier": p["classifier"] or None, "real": p["real"], "real_clips": g.real_clips, "i3d": g.i3d,
-            "samples_per_class": g.samples_per_class, "cfg_scale": g.cfg_scale, "temperature": g.temperature,
+            "i3d_sha256": g.i3d_sha256, "samples_per_class": g.samples_per_class, "cfg_scale": g.cfg_scale, "temperature": g.temperature,
             "top_k": g.top_k, "top_p": g.top_p, "seed": g.seed, "batch_size": g.batch_size,
             "fps": mp4_fps(cfg)}
 
@@ -386,8 +386,8 @@ class Measure:
 
 def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = None, real_videos: np.ndarray | None = None,
                        real_labels: list[str] | None = None, real_info: dict | None = None, real_clips: int = 256,
-                       i3d: str | None = None, samples_per_class: int = 4, cfg_scale: float = 1.0,
-                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                       i3d: str | None = None, i3d_sha256: str | None = None, samples_per_class: int = 4,
+                       cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                        batch_size: int = 16, fps: float = 8.0, device="cpu", samples: Samples | None = None,
                        on_batch: Callable[[Samples], None] | None = None) -> dict:
     """Generation metrics of one AR model, each with how it was measured.
@@ -430,7 +430,7 @@ def generation_metrics(ar, tokenizer, *, classifier=None, real: str | None = Non
     fvd = None
     if i3d:
         local = storage.local_path(i3d)
-        fvd = FVD(str(local) if local is not None else i3d, device=device)
+        fvd = FVD(str(local) if local is not None else i3d, device=device, sha256=i3d_sha256)  # checked first
         out[p + "i3d_sha256"] = storage.sha256(i3d)
     measure = Measure(class_names, net, clf_classes, fvd, device)
     if net is not None or fvd is not None:
