@@ -65,6 +65,8 @@ def test_missing_pretrained_files_are_all_named_before_any_ray_work(tmp_path, mo
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(workflows.stage, "ensure_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    ray_before = ray.is_initialized()  # an earlier test of the session may have started one
     vgg = tmp_path / "vgg16.pth"
     vgg.write_bytes(b"weights")                             # present: must not be named
     res = CliRunner().invoke(app, [
@@ -77,13 +79,13 @@ def test_missing_pretrained_files_are_all_named_before_any_ray_work(tmp_path, mo
     assert "train.align_encoder=" in out and "vjepa2-missing" in out
     assert "train.semantic_disc_encoder=" in out and "videomae-missing" in out
     assert "lpips_backbone" not in out
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
     assert not (tmp_path / "run").exists()                  # nothing claimed, nothing written
     # an unset key is named too, and the label stage is checked the same way
     res = CliRunner().invoke(app, ["label", "-c", str(CONFIGS / "paper-label.yaml"), f"work_dir={tmp_path / 'run'}",
                                    "label.lpips_backbone=null"])
     assert res.exit_code == 2 and "label.lpips_backbone: not set" in " ".join(res.output.split())
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
 
 
 def test_pretrained_files_checked_on_object_storage(s3_bucket, tmp_path):

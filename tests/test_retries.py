@@ -71,9 +71,11 @@ def test_ingest_and_label_give_up_after_the_configured_retries(crashing_ray, tmp
     with pytest.raises(Exception, match="(?i)crash|died|exit|unexpected"):
         run_label(load_config(None, [
             f"label.clips={clips}", f"label.proxy={proxy}", f"label.output={tmp_path / 'label'}",
-            "label.metric=mse", "label.num_actors=1", "label.max_restarts=1", "label.max_task_retries=1"]),
+            "label.metric=mse", "label.num_actors=1", "label.max_restarts=1", "label.max_task_retries=1",
+            "label.pool_retries=1"]),
             quiet=True)
-    assert 1 < attempts(crashing_ray, "label") <= 2  # at most the first try + one retry on the restarted actor
+    # per actor pool the first try + one retry on the restarted actor; then one fresh pool (pool_retries=1)
+    assert 2 < attempts(crashing_ray, "label") <= 4
 
 
 def test_retry_limits_must_be_finite(tmp_path):
@@ -86,5 +88,9 @@ def test_retry_limits_must_be_finite(tmp_path):
     with pytest.raises(LabelError, match="must be >= 0"):
         run_label(load_config(None, ["label.clips=x", "label.proxy=y", f"label.output={tmp_path / 'l'}",
                                      "label.max_restarts=-1"]))
+    with pytest.raises(LabelError, match="must be >= 0"):
+        run_label(load_config(None, ["label.clips=x", "label.proxy=y", f"label.output={tmp_path / 'l'}",
+                                     "label.pool_retries=-1"]))
     defaults = load_config(None, [])
-    assert (defaults.ingest.max_retries, defaults.label.max_restarts, defaults.label.max_task_retries) == (3, 3, 3)
+    assert (defaults.ingest.max_retries, defaults.label.max_restarts, defaults.label.max_task_retries,
+            defaults.label.pool_retries) == (3, 3, 3, 2)

@@ -36,7 +36,7 @@ def _labels_tag() -> str:
 
 
 LABELS = _labels_tag()
-MODELS = ("proxy", "router", "final", "ar")
+MODELS = ("proxy", "router", "final", "ar", "classifier")
 #: Micro scale: one 64x64 clip per video, one video per shard, 4 steps per model.
 MICRO = ["data.max_clips_per_video=1", "ingest.videos_per_task=1", "train.batch_size=4",
          "train.min_curve_gain_db=0", "mlflow.system_metrics=false", "label.stats_samples=500",
@@ -294,8 +294,8 @@ def test_pipeline_end_to_end_on_s3_with_lineage_kill_and_rerun(user_dir, s3_buck
                 for name, rec in recs.items() for o in rec["outputs"].values()}
     expect = {"ingest": {"videos"}, "proxy": {"data"}, "label": {"clips", "proxy"}, "router": {"data", "labels"},
               "final": {"data", "router"}, "ar": {"data", "router", "tokenizer"},
-              "tokenize": {"clips", "tokenizer", "router"},
-              "evaluate": {"clips", "tokenizer", "router", "labels", "ar"}}
+              "tokenize": {"clips", "tokenizer", "router"}, "classifier": {"data"},
+              "evaluate": {"clips", "tokenizer", "router", "labels", "ar", "classifier"}}
     parents = set()
     for name, rec in recs.items():
         run = client.get_run(rec["mlflow_run_id"])

@@ -561,9 +561,9 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     lc = cfg.label
     if not (lc.clips and lc.proxy and lc.output):
         raise LabelError("label.clips, label.proxy and label.output must all be set")
-    if lc.max_restarts < 0 or lc.max_task_retries < 0:
-        raise LabelError("label.max_restarts and label.max_task_retries must be >= 0: retries are finite "
-                         "(-1 would restart an actor that a poison shard kills forever)")
+    if lc.max_restarts < 0 or lc.max_task_retries < 0 or lc.pool_retries < 0:
+        raise LabelError("label.max_restarts, label.max_task_retries and label.pool_retries must be >= 0: retries "
+                         "are finite (-1 would restart an actor that a poison shard kills forever)")
     if lc.clips_per_task < 1 or lc.batch_size < 1 or lc.num_actors < 1:
         raise LabelError("label.clips_per_task, label.batch_size and label.num_actors must be >= 1")
     if lc.metric == "lpips" and not lc.lpips_backbone:
