@@ -1,7 +1,7 @@
 """``evatok run`` and ``evatok status``: the pipeline as a list of stages, each skipped by content.
 
     evatok run -c configs/tiny.yaml                 # videos -> clips -> proxy -> labels -> router -> final
-                                                    #   -> codes -> AR -> evaluation
+                                                    #   -> codes -> AR -> classifier -> evaluation
     evatok run -c configs/tiny.yaml proxy.steps=50  # any key=value override; a changed stage is refused...
     evatok run -c configs/tiny.yaml --force         # ...unless --force: it and what depends on it rerun
     evatok status -c configs/tiny.yaml              # done / partial / missing / stale, outputs, MLflow runs
