@@ -307,6 +307,9 @@ def generation(cfg, tokenizer_uri: str) -> dict[str, float | str]:
     settings = metric_settings(cfg)
     if classifier_file(cfg.evaluate):
         settings["classifier"] = classifier_file(cfg.evaluate)
+    elif cfg.evaluate.classifier:
+        print(f"[evaluate] no classifier at {storage.redact(cfg.evaluate.classifier)}: generation metrics without "
+              f"classifier accuracy and Frechet distance (evatok train classifier makes one)", flush=True)
     out: dict = {}
     for uri in ars:
         name = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
