@@ -78,12 +78,13 @@ def test_two_concurrent_claims_exactly_one_wins(root):
     for p in places:
         outs = got[p]
         assert [o.split(": ")[1] for o in outs].count("recorded") == 1, got
+        winner = F.read_claim(p)
+        assert winner["fingerprint"]["hash"] == _fp().hash
         if outs[0].startswith("run") and outs[1].startswith("run"):  # both saw nothing: the create decides
             both_empty += 1
             assert sorted(o.split(": ")[1] for o in outs) == ["lost at claim", "recorded"], got
+            assert winner["claim_id"] == winner["owner"]["token"]  # the creator's claim, untouched
     assert both_empty >= ROUNDS // 2, f"the racers rarely met: {got}"
-    winner = F.read_claim(places[0])
-    assert winner["fingerprint"]["hash"] == _fp().hash and winner["claim_id"] == winner["owner"]["token"]
 
 
 @pytest.mark.s3
