@@ -305,8 +305,9 @@ def generation(cfg, tokenizer_uri: str) -> dict[str, float | str]:
         print("[evaluate] evaluate.ar is set but workflows.generate is not there: no generation metrics", flush=True)
         return {}
     settings = metric_settings(cfg)
-    if classifier_file(cfg.evaluate):
-        settings["classifier"] = classifier_file(cfg.evaluate)
+    classifier = classifier_file(cfg.evaluate)
+    if classifier:
+        settings["classifier"] = classifier
     elif cfg.evaluate.classifier:
         print(f"[evaluate] no classifier at {storage.redact(cfg.evaluate.classifier)}: generation metrics without "
               f"classifier accuracy and Frechet distance (evatok train classifier makes one)", flush=True)
@@ -606,8 +607,6 @@ def stage_fingerprint(cfg):
     for role in ("router", "lpips_backbone", "i3d"):
         if getattr(ec, role):
             inputs[role] = F.file_input(getattr(ec, role))
-    if ar_models(ec) and classifier_file(ec):
-        inputs["classifier"] = F.file_input(classifier_file(ec))
     if ec.labels:
         inputs["labels"] = F.dataset_input(ec.labels)
     ars = ar_models(ec)
@@ -615,6 +614,9 @@ def stage_fingerprint(cfg):
         inputs["ar" if i == 0 else f"ar{i + 1}"] = F.file_input(uri)
     if ars:
         conf.update(F.section(cfg.generate, "generate", {"ar", "tokenizer", "output", "real", "i3d"}))
+        classifier = classifier_file(ec)
+        if classifier:
+            inputs["classifier"] = F.file_input(classifier)
     return F.Fingerprint("evaluate", conf, inputs, storage.canonical(ec.output))
 
 
