@@ -10,6 +10,16 @@ Two ways to use it (project venv, from the repo root):
     # uniformly random assignments, AdamW, warm-up + cosine), one per decoder query initialisation
     python bench/quality_cost.py --clips runs/tiny/data --train 1200 --query-init finest,first
 
+    # what the tokenizer's bits allow: per-patch k-means codes with the same bits a patch
+    python bench/quality_cost.py --clips runs/tiny/data --bound
+
+``--bound`` fits k-means codebooks of the preset's size to the training clips' patches (the tokenizer's
+own 4x8x8 patches) and reconstructs the held-out patches from them: one code a patch (log2(codebook)
+bits a patch, about what a block's finest tokens carry at the largest count) and a residual code of
+kmax / patches-a-block stages (the bits of the largest count's every token, spent on the patches).
+These are reference points, not proofs: a learned tokenizer can share bits between patches and blocks
+and may beat them; one that reaches them uses its bits about as well as a per-patch vector quantiser.
+
 The held-out split is the training loop's (``workflows.train.data.held_out``: videos whose id hashes into
 the last 1/8), so ``--model`` numbers are measured on videos the model never saw. This is a benchmark, not
 a test: it prints what it measured.
@@ -51,6 +61,42 @@ def train(tr: torch.Tensor, steps: int, lr: float, batch: int, query_init: str, 
     return quick_train(model, tr, steps, lr, batch, seed, log=log)
 
 
+def kmeans(x: torch.Tensor, k: int, iters: int = 12, seed: int = 0, chunk: int = 8192) -> torch.Tensor:
+    """Lloyd's k-means of the rows of ``x`` (k of them drawn as the start), ``iters`` rounds -> [k, dim]."""
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    for _ in range(iters):
+        a = nearest(x, centres, chunk)
+        sums = torch.zeros_like(centres).index_add_(0, a, x)
+        n = torch.bincount(a, minlength=k)
+        centres[n > 0] = sums[n > 0] / n[n > 0, None].to(x.dtype)
+    return centres
+
+
+def nearest(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    return torch.cat([torch.cdist(x[i:i + chunk], centres).argmin(1) for i in range(0, x.shape[0], chunk)])
+
+
+def patch_code_bound(tr: torch.Tensor, val: torch.Tensor, fit_patches: int = 50_000) -> dict[str, float]:
+    """Held-out PSNR of per-patch residual k-means codes with the tiny preset's codebook size (see the
+    module docstring): {"1 code a patch (10 bits)": dB, "2 codes a patch (20 bits)": dB}."""
+    cfg = PRESETS["tiny"]()
+    shaper = AdaptiveTokenizer(cfg)
+    bits = int(round(torch.log2(torch.tensor(float(cfg.codebook_size))).item()))
+    ptr = shaper.patchify(tr).reshape(-1, cfg.patch_dim)
+    ptr = ptr[torch.randperm(ptr.shape[0], generator=torch.Generator().manual_seed(0))[:fit_patches]]
+    pval = shaper.patchify(val).reshape(-1, cfg.patch_dim)
+    out, rec = {}, torch.zeros_like(pval)
+    for stage in range(max(1, cfg.kmax // cfg.hw)):
+        centres = kmeans(ptr, cfg.codebook_size, seed=stage)
+        ptr = ptr - centres[nearest(ptr, centres)]
+        rec = rec + centres[nearest(pval - rec, centres)]
+        y, r = val + 0.5, shaper.depatchify(rec.reshape(val.shape[0], cfg.num_blocks, cfg.grid, cfg.grid, -1))
+        mse = ((r.clamp(-0.5, 0.5) + 0.5 - y) ** 2).mean()
+        out[f"{stage + 1} code{'s' * bool(stage)} a patch ({(stage + 1) * bits} bits)"] = float(-10 * torch.log10(mse))
+    return out
+
+
 def report(name: str, curve: dict, base: dict) -> None:
     counts = sorted(curve)
     print(f"\n{name}")
@@ -73,6 +119,7 @@ def main() -> None:
     ap.add_argument("--query-init", default="finest", help="comma-separated: finest, cells, first")
     ap.add_argument("--val-every", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bound", action="store_true", help="per-patch k-means codes with the same bits (see above)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tr, val = load_split(a.clips, a.val_every)
@@ -84,6 +131,15 @@ def main() -> None:
         import io
         model = load_model(io.BytesIO(storage.read_bytes(a.model)), map_location="cpu").eval()
         report(f"{a.model} (query_init={model.config.query_init})", uniform_curve(model, val), base)
+    if a.bound:
+        t0 = time.perf_counter()
+        bound = patch_code_bound(tr, val)
+        print(f"\nper-patch k-means codes, {PRESETS['tiny']().codebook_size} codes a stage, fitted on training "
+              f"patches ({time.perf_counter() - t0:.0f} s), held-out PSNR:")
+        for name, db in bound.items():
+            print(f"  {name:<28} {db:6.2f} dB")
+        print(f"  (mean colour {base['mean_colour']['psnr']:.2f} dB; 4 dB above it: "
+              f"{base['mean_colour']['psnr'] + 4:.2f} dB)")
     for qi in (a.query_init.split(",") if a.train else []):
         t0 = time.perf_counter()
         model = train(tr, a.train, a.lr, a.batch, qi)
