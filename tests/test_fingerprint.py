@@ -213,3 +213,43 @@ def test_relabel_output_is_adopted_by_the_pipeline(tmp_path, monkeypatch):
     cfg2 = stage.config(plan2)
     assert stage.place(cfg2).endswith(f"labels/mse-wq2-wl{cfg2.label.w_l:g}")
     assert F.decide("label", stage.fingerprint(cfg2, plan2), stage.place(cfg2)).skip
+
+
+def test_a_second_model_of_one_kind_is_told_how_to_train_beside_the_first(tmp_path, monkeypatch):
+    """A training run's record lives under its run name (work_dir/train/<name>-<model>), not beside its
+    model file: training a second proxy on other data into another file is refused (it would replace the
+    first's record), and the refusal says how to keep both (another run name), which then runs."""
+    from conftest import REPO
+    from train_fixtures import write_clips
+    from workflows.run import Runner, TrainStage, resolve
+
+    monkeypatch.chdir(tmp_path)
+    write_clips(str(tmp_path / "w" / "data"), n=2)
+    write_clips(str(tmp_path / "other"), n=2, seed=7)
+    first = resolve(REPO / "configs" / "tiny.yaml", ["work_dir=w"], target="proxy")
+    stage = TrainStage("proxy")
+    cfg = stage.config(first)
+    F.write_claim(stage.place(cfg), F.train_fingerprint(cfg), ray_run="tiny-proxy")  # the first, unfinished
+    second = resolve(REPO / "configs" / "tiny.yaml", ["work_dir=w", "train.data=other", "train.output=p2.pt"],
+                     target="proxy")
+    with pytest.raises(F.StaleOutputError, match=r"name=tiny-2 .*w/train/tiny-proxy"):
+        Runner(second, parent=False).run_stage(stage)
+    beside = resolve(REPO / "configs" / "tiny.yaml", ["name=tiny-2", "work_dir=w", "train.data=other",
+                                                       "train.output=p2.pt"], target="proxy")
+    bcfg = stage.config(beside)
+    assert F.decide("train proxy", F.train_fingerprint(bcfg), stage.place(bcfg)).action == "run"
+
+
+def test_training_data_may_be_a_stage_output_prefix(tmp_path):
+    """`train.data=runs/x/codes-u16` (a tokenize output: codes/ and errors/) reads codes/, not the error
+    rows beside them; an ingest output reads clips/."""
+    import pyarrow as pa
+
+    from workflows.train.data import parquet_prefix
+
+    for sub in ("codes", "errors"):
+        storage.write_parquet(pa.table({"clip_id": ["a"]}), str(tmp_path / "t" / sub / "shard-00000.parquet"))
+    storage.write_parquet(pa.table({"clip_id": ["a"]}), str(tmp_path / "i" / "clips" / "shard-00000.parquet"))
+    assert parquet_prefix(str(tmp_path / "t")) == str(tmp_path / "t" / "codes")
+    assert parquet_prefix(str(tmp_path / "i")) == str(tmp_path / "i" / "clips")
+    assert parquet_prefix(str(tmp_path / "t" / "codes")) == str(tmp_path / "t" / "codes")

@@ -189,6 +189,11 @@ class Stage:
     def output(self, cfg: Config) -> str:
         return self.place(cfg)
 
+    def beside_hint(self, cfg: Config) -> str:
+        """How to keep a refused stale output and write a new one beside it ("" when the output's own
+        place says it: a new output URI is a new place)."""
+        return ""
+
     def prepare(self, cfg: Config, ctx: Context, say) -> None:
         """Side effects needed before fingerprinting (the synthetic videos)."""
 
@@ -289,10 +294,14 @@ class LabelStage(Stage):
         return F.label_fingerprint(cfg)
 
     def clear(self, cfg):
+        from workflows.label import UNITS
+
         out = storage.canonical(cfg.label.output)
         for part in ("_DONE.json", "_label.json", "stats.json"):
             storage.remove(storage.join(out, part))
-        for part in ("_shards", "scores", "labels"):
+        # UNITS: work units of unfinished shards, scored by the previous proxy/clips; a rerun would
+        # otherwise take them as already scored
+        for part in ("_shards", "scores", "labels", UNITS):
             storage.remove(storage.join(out, part), recursive=True)
 
     def execute(self, cfg, ctx):
@@ -370,6 +379,12 @@ class TrainStage(Stage):
 
     def output(self, cfg):
         return cfg.train.output
+
+    def beside_hint(self, cfg):
+        # A training run's record lives under its run name, not beside its model file: a second model
+        # of one kind (other data, another train.output) needs a run name of its own.
+        return (f"or train beside it under another run name (name={cfg.name}-2 ...; this one's record is "
+                f"{storage.redact(self.place(cfg))})")
 
     def fingerprint(self, cfg, plan):
         return F.train_fingerprint(cfg)
@@ -699,7 +714,11 @@ class Runner:
         try:
             stage.prepare(cfg, ctx, say)
             fp = stage.fingerprint(cfg, self.plan)
-            decision = F.decide(stage.name, fp, stage.place(cfg), force=self.force)
+            try:
+                decision = F.decide(stage.name, fp, stage.place(cfg), force=self.force)
+            except F.StaleOutputError as e:
+                hint = stage.beside_hint(cfg)
+                raise (F.StaleOutputError(f"{e}, {hint}") if hint else e) from None
         except (ConfigError, F.StaleOutputError):
             raise
         except Exception as e:  # noqa: BLE001

@@ -27,12 +27,15 @@ class DataError(ValueError):
 
 
 def parquet_prefix(uri: str) -> str:
-    """An ingest output prefix or its ``clips/`` directory (or any Parquet prefix)."""
+    """An ingest output prefix or its ``clips/`` directory, a tokenize output prefix or its ``codes/``
+    directory (or any Parquet prefix). A stage's output prefix also holds its ``errors/`` rows, which are
+    not training data."""
     if not uri:
         raise DataError("no training data configured (train.data is empty)")
-    sub = storage.join(uri, "clips")
-    if storage.list_parquet(sub):
-        return sub
+    for name in ("clips", "codes"):
+        sub = storage.join(uri, name)
+        if storage.list_parquet(sub):
+            return sub
     if storage.list_parquet(uri):
         return uri
     raise DataError(f"no Parquet clips under {storage.redact(uri)}")
