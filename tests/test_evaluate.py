@@ -202,3 +202,14 @@ def test_evaluate_lpips_and_rfvd_columns_when_weights_are_given(micro_run, tmp_p
     with pytest.raises(DigestMismatchError):
         run_evaluate(eval_cfg(root, data, labels, max_clips=2, i3d=i3d, i3d_sha256="0" * 64,
                               output=tmp_path / "eval2"), quiet=True)
+
+
+def test_ar_models_that_share_a_file_name_keep_their_own_metrics():
+    """Two AR models both called ar.pt (the pipeline's and one trained on uniform codes) must not log
+    under one name, where the second's numbers would replace the first's."""
+    from workflows.evaluate import ar_names
+
+    assert ar_names(["/w/ar/ar.pt"]) == ["ar"]
+    assert ar_names(["/w/ar/ar.pt", "/w/ar-u16/ar.pt", "/w/x/other.pt"]) == ["ar-ar", "ar-u16-ar", "other"]
+    assert ar_names(["/a/ar/ar.pt", "/b/ar/ar.pt"]) == ["ar-ar-1", "ar-ar-2"]
+    assert len(set(ar_names(["s3://b/r/ar/ar.pt", "s3://b/r/ar2/ar.pt"]))) == 2

@@ -41,7 +41,7 @@ logged to the MLflow run ``run_id`` (artifacts under ``evaluate/``, metrics ``ev
 
 Generation: with ``evaluate.ar`` (comma-separated exported AR models) and ``workflows.generate``
 present, ``generation_metrics(ar, tokenizer, **metric_settings(cfg))`` is called for each and its
-numbers logged as ``eval/gen/<ar file>/...`` (``generation.json``).
+numbers logged as ``eval/gen/<ar name>/...`` (``generation.json``; ``ar_names``).
 """
 from __future__ import annotations
 
@@ -287,6 +287,16 @@ def ar_models(ec) -> list[str]:
             if storage.exists(u)]
 
 
+def ar_names(uris: list[str]) -> list[str]:
+    """The name each AR model's metrics are logged under (``gen/<name>/...``): its file name without
+    ``.pt``; where two files share that name (``ar/ar.pt`` and ``ar-uniform/ar.pt``), its folder's name
+    and file name joined by ``-`` (``ar-ar``, ``ar-uniform-ar``), and a number where even that repeats."""
+    parts = [u.rstrip("/").rsplit("/", 2)[-2:] for u in uris]
+    stems = [p[-1].removesuffix(".pt") for p in parts]
+    names = [s if stems.count(s) == 1 else f"{p[0]}-{s}" if len(p) == 2 else s for p, s in zip(parts, stems)]
+    return [n if names.count(n) == 1 else f"{n}-{i + 1}" for i, n in enumerate(names)]
+
+
 def classifier_file(ec) -> str:
     """``evaluate.classifier`` if that file exists, else "" (``evatok run`` names the pipeline's classifier
     export before it is trained; a stage run alone may have none)."""
@@ -312,8 +322,7 @@ def generation(cfg, tokenizer_uri: str) -> dict[str, float | str]:
         print(f"[evaluate] no classifier at {storage.redact(cfg.evaluate.classifier)}: generation metrics without "
               f"classifier accuracy and Frechet distance (evatok train classifier makes one)", flush=True)
     out: dict = {}
-    for uri in ars:
-        name = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
+    for uri, name in zip(ars, ar_names(ars)):
         try:
             found = generation_metrics(uri, tokenizer_uri, **settings)
         except Exception as e:  # noqa: BLE001 - the reconstruction results stand without it; say why
