@@ -7,8 +7,10 @@ Four inputs, UCF-101-shaped synthetic videos (320x240, 25 fps, h264): a set of `
 Each goes through the real stages on a fresh local Ray (2 CPUs): ``run_ingest`` (the tiny recipe's
 clips, ``ingest.videos_per_task=16``, decode isolation on) then ``run_label`` (a random-init proxy,
 2 actors, ``label.clips_per_task=8``). While a stage runs, every Ray worker process (``ray::...``
-titles, Ray's own system actors excluded) is sampled every 0.1 s with its child processes (the decode
-child of ingest's isolation): the peak of worker + children RSS is that stage's worker peak.
+titles, Ray's own system actors excluded) that has run the stage's function (``_ingest_batch``,
+``_LabelActor``; not an idle worker left from the previous stage) is sampled every 0.1 s with its child
+processes (the decode child of ingest's isolation): the peak of worker + children RSS is that stage's
+worker peak, printed with the worker's anon / file / shmem split at that moment.
 Prints the peaks and the growth of the 10x inputs over the 1x ones (target: < 20%).
 """
 from __future__ import annotations
@@ -33,11 +35,27 @@ MICRO = dict(size=64, counts=(1, 2, 4, 8, 16), enc_dim=32, enc_layers=1, enc_hea
              dec_heads=2, codebook_size=64, code_dim=4)
 
 
-class WorkerPeak:
-    """Samples the RSS of Ray worker processes (+ their children) in a thread; ``peak`` in bytes."""
+def rss_parts(pid: int) -> dict[str, int]:
+    """``/proc/PID/status`` RssAnon / RssFile / RssShmem in bytes (private heap, mapped files such as
+    shared libraries, and shared memory such as Ray's object store mapped into the worker)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                k, v = line.split(":")
+                out[k[3:].lower()] = int(v.split()[0]) * 1024
+    return out
 
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self.workers = interval, 0, set()
+
+class WorkerPeak:
+    """Samples the RSS of the stage's Ray worker processes (+ their children) in a thread; ``peak`` in
+    bytes, and ``parts`` the anon / file / shmem split of the worker (without children) at that peak.
+    ``match``: a worker counts once its title has contained this (``_ingest_batch``, ``_LabelActor``),
+    for as long as it lives: an idle worker left over from the previous stage (``ray::IDLE``, with its
+    decode child) is not the label actor's memory."""
+
+    def __init__(self, match: str, interval: float = 0.1):
+        self.match, self.interval, self.peak, self.workers, self.parts = match, interval, 0, set(), {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -50,11 +68,16 @@ class WorkerPeak:
                     title = " ".join(p.info["cmdline"] or [])
                     if not title.startswith("ray::") or any(s in title for s in SYSTEM):
                         continue
+                    if self.match in title:
+                        self.workers.add(p.info["pid"])
+                    if p.info["pid"] not in self.workers:
+                        continue
                     rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    parts = rss_parts(p.info["pid"]) if rss > self.peak else None
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
                     continue
-                self.workers.add(p.info["pid"])
-                self.peak = max(self.peak, rss)
+                if parts is not None:
+                    self.peak, self.parts = rss, parts
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -81,13 +104,14 @@ def measure(src: Path, work: Path, proxy: str, name: str) -> dict:
                                  "label.metric=mse", "label.num_actors=2", "label.batch_size=4",
                                  "label.clips_per_task=8", "label.stats_samples=2000"])
         t0 = time.perf_counter()
-        with WorkerPeak() as ing:
+        with WorkerPeak("_ingest_batch") as ing:
             s = run_ingest(cfg, quiet=True)
         t1 = time.perf_counter()
-        with WorkerPeak() as lbl:
+        with WorkerPeak("_LabelActor") as lbl:
             run_label(cfg, quiet=True)
         t2 = time.perf_counter()
-        return {"clips": s.clips, "ingest": ing.peak, "label": lbl.peak, "ingest_s": t1 - t0, "label_s": t2 - t1}
+        return {"clips": s.clips, "ingest": ing.peak, "label": lbl.peak, "ingest_s": t1 - t0, "label_s": t2 - t1,
+                "ingest_parts": ing.parts, "label_parts": lbl.parts}
     finally:
         ray.shutdown()
 
@@ -130,6 +154,9 @@ def main(argv=None) -> None:
             print(f"{name:24s} {r['clips']:5d} clips  ingest worker peak {r['ingest'] / 2**20:7.1f} MiB "
                   f"({r['ingest_s']:.1f} s)  label worker peak {r['label'] / 2**20:7.1f} MiB ({r['label_s']:.1f} s)",
                   flush=True)
+            for stage in ("ingest", "label"):
+                print(f"    {stage} worker at its peak: " + ", ".join(
+                    f"{k} {v / 2**20:.1f} MiB" for k, v in r[f"{stage}_parts"].items()), flush=True)
         names = list(inputs)
         print(f"\ngrowth of the peak for 10x the input (target < 20%), proxy={a.proxy}:")
         for small, big in [(names[0], names[1]), (names[2], names[3])]:

@@ -164,24 +164,26 @@ def score_assignments(tokenizer: AdaptiveTokenizer, clips: torch.Tensor, lpips=N
                     table = tables[t][name] = v.new_empty(b, m ** (t + 1))
                 table[:, first * m:first * m + v.shape[0]] = v.t()
 
-        def visit(state: PrefixState, node: int) -> None:
+        # Depth first with an explicit stack, so only one root-to-leaf path of caches (and the pending
+        # siblings) is alive. Not a recursive closure: a nested function that calls itself is a reference
+        # cycle (function -> closure cell -> function) that keeps the batch's targets, tables and clips
+        # alive until Python's cyclic GC happens to run, which in a Ray worker (many long-lived objects,
+        # rare full collections) let the label actor's heap grow ~25 MB a work unit.
+        with autocast(precision, chunk.device):
+            stack = [(tokenizer.prefix_init(chunk), 0)]
+        while stack:
+            state, node = stack.pop()
             t = state.depth
             with autocast(precision, chunk.device):
                 recon, _, children = tokenizer.prefix_step(state)  # [m, B, 3, pt, H, W]
+            del state
+            record(t, node, recon)
             if group and t == nb - 2:  # the m*m leaves below this node, scored together
                 with autocast(precision, chunk.device):
                     leaves = [tokenizer.prefix_step(child)[0] for child in children]
-                record(t, node, recon)
                 record(t + 1, node * m, torch.cat(leaves))
-                return
-            record(t, node, recon)
-            if t + 1 < nb:
-                for i, child in enumerate(children):
-                    visit(child, node * m + i)
-
-        with autocast(precision, chunk.device):
-            root = tokenizer.prefix_init(chunk)
-        visit(root, 0)
+            elif t + 1 < nb:
+                stack += [(child, node * m + i) for i, child in reversed(list(enumerate(children)))]
         chunks.append({name: sum(tables[t][name].repeat_interleave(m ** (nb - 1 - t), 1)
                                  for t in range(nb)) / nb for name in tables[0]})
     return {name: torch.cat([ch[name] for ch in chunks]) for name in chunks[0]}
