@@ -327,6 +327,22 @@ def test_units_plan_resume_and_merge(tmp_path):
     assert plan_units(0, [], 8) == [(0, 0)] and plan_units(0, [(0, 0)], 8) == []
 
 
+def test_run_reset_clears_units(tmp_path):
+    """`evatok run`'s reset of the label stage (``--force`` or a stale output) removes the work units of
+    unfinished shards too: a rerun with another proxy would otherwise take them as scored."""
+    from workflows.label import unit_uri
+    from workflows.run import LabelStage
+
+    out = str(tmp_path / "L")
+    for uri in (unit_uri(out, 0, 0, 8), f"{out}/scores/shard-00001.parquet", f"{out}/_shards/shard-00001.json",
+                f"{out}/stats.json"):
+        storage.write_bytes_atomic(uri, b"x")
+    assert finished_units(out, 0) == [(0, 8)]
+    LabelStage().clear(load_config(None, [f"label.output={out}"]))
+    assert finished_units(out, 0) == []
+    assert [f for _, _, fs in os.walk(out) for f in fs] == []  # nothing of the old output is left
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_one_shard_keeps_every_actor_busy(ray_local, tmp_path, tiny_videos):
