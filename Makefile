@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR := cpu
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo study bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,24 @@ demo: $(STAMP)
 	$(BIN)/evatok run -c configs/tiny.yaml
 	$(BIN)/evatok status -c configs/tiny.yaml
 	@echo "Open MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/tiny/mlflow.db  (then http://127.0.0.1:5000)"
+
+# The reproduction study (docs/reproduction.md): the pipeline on 640 synthetic videos, then what the
+# four findings need beside it: the proxy evaluated on the router's assignments, and two AR models on
+# codes of equal mean length (the router at a budget of 64 tokens a clip; uniform, 16 tokens a block).
+# Every command skips what is done, so `make study` resumes where it stopped.
+S := $(BIN)/evatok
+SC := -c configs/study.yaml
+W := runs/study
+study: $(STAMP)
+	$(S) run $(SC)
+	$(BIN)/python bench/label_frontier.py --label $(W)/label --clips $(W)/data | tee $(W)/label_frontier.txt
+	$(S) evaluate $(SC) evaluate.tokenizer=$(W)/proxy/proxy.pt evaluate.output=$(W)/eval-proxy evaluate.ar=
+	$(S) tokenize $(SC) tokenize.mode=budget:64 tokenize.output=$(W)/codes-b64
+	$(S) tokenize $(SC) tokenize.mode=uniform:16 tokenize.output=$(W)/codes-u16
+	$(S) train ar $(SC) name=study-b64 train.data=$(W)/codes-b64 train.output=$(W)/ar-b64/ar.pt
+	$(S) train ar $(SC) name=study-u16 train.data=$(W)/codes-u16 train.output=$(W)/ar-u16/ar.pt
+	$(S) evaluate $(SC) evaluate.output=$(W)/eval-gen evaluate.ar=$(W)/ar-b64/ar.pt,$(W)/ar-u16/ar.pt
+	$(S) compare $(SC) --out $(W)/compare
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
