@@ -8,6 +8,9 @@
    walk (``evatok.search.score_assignments``) and the walk as it was before issue 11 (a verbatim copy
    below, ``legacy_walk``), same random-init model, same clips (real synthetic mp4s decoded as
    ingest does), same batch size, run back to back with alternating order, ``--repeats`` times; medians.
+   With ``--legacy-rev`` also that revision's whole walk (its ``evatok`` package imported beside the
+   current one as ``evatok_legacy``: its search, tokenizer, layers, with the same weights), timed only:
+   its model code may compute other reconstructions (the decoder seeding changed since c6b8676).
    Both are checked against 625 float32 full passes a clip (``score_assignments_bruteforce``, run
    once): max table difference, and the reward argmax agreement per metric at the default weights and
    at w_l in {0.1, 0.01, 0} (quality-dominated labels, the most sensitive). ``--precision-check`` adds
@@ -111,6 +114,22 @@ def agreement(tables: dict, ref: dict, space: AssignmentSpace) -> dict[str, list
     return out
 
 
+def legacy_package(rev: str, dest: Path):
+    """The ``evatok`` package of git revision ``rev`` importable beside the current one, as
+    ``evatok_legacy`` (its own tokenizer, layers, quantizer, metrics and search): its ``search`` module."""
+    import importlib
+    import re
+
+    arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "evatok"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True)
+    pkg = dest / "evatok_legacy"
+    (dest / "evatok").rename(pkg)
+    for f in pkg.glob("*.py"):
+        f.write_text(re.sub(r"\b(from|import) evatok\b", r"\1 evatok_legacy", f.read_text()))
+    sys.path.insert(0, str(dest))
+    return importlib.import_module("evatok_legacy.search")
+
+
 def search_section(a) -> None:
     from workflows.label import tune_allocator
 
@@ -122,6 +141,14 @@ def search_section(a) -> None:
     space = AssignmentSpace(model.config.counts, model.config.num_blocks)
     fns = {"current walk": lambda: score_assignments(model, x, batch_clips=a.batch),
            "legacy walk": lambda: legacy_walk(model, x, batch_clips=a.batch)}
+    tmp = None
+    if a.legacy_rev:  # the revision's whole walk: its search, tokenizer and layers, the same weights
+        tmp = tempfile.TemporaryDirectory()
+        old = legacy_package(a.legacy_rev, Path(tmp.name))
+        oldtok = sys.modules["evatok_legacy.tokenizer"]
+        old_model = oldtok.AdaptiveTokenizer(oldtok.PRESETS[a.preset]()).eval()
+        old_model.load_state_dict(model.state_dict())  # its decoder seeding may differ: timing only
+        fns[f"{a.legacy_rev} walk"] = lambda: old.score_assignments(old_model, x, batch_clips=a.batch)
     if a.precision_check:
         fns["current walk bf16"] = lambda: score_assignments(model, x, batch_clips=a.batch, precision="bf16")
     score_assignments(model, x[:1], batch_clips=1)  # warm-up (allocator, kernels)
@@ -149,8 +176,14 @@ def search_section(a) -> None:
     c = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"  current walk vs legacy walk: {w['legacy walk'] / w['current walk']:.2f}x wall, "
           f"{c['legacy walk'] / c['current walk']:.2f}x CPU time; vs 625 full passes {t_brute / w['current walk']:.2f}x")
+    if a.legacy_rev:
+        k = f"{a.legacy_rev} walk"
+        print(f"  current walk vs {k} (its own model code): {w[k] / w['current walk']:.2f}x wall, "
+              f"{c[k] / c['current walk']:.2f}x CPU time")
     header = "w_l=" + "/".join(f"{wl:g}" for _, wl in WEIGHTS)
     for k in names:
+        if a.legacy_rev and k == f"{a.legacy_rev} walk":
+            continue  # another model computation (the revision's tokenizer): not compared
         diff = max(float((tables[k][m] - ref[m]).abs().max()) for m in ref)
         agree = agreement(tables[k], ref, space)
         txt = "  ".join(f"{m} {'/'.join(str(v) for v in agree[m])}" for m in agree)
