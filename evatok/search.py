@@ -24,10 +24,14 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   launch, the leaves of a depth-2 node (25 nodes) are scored in one call (``group_leaves``).
 - Nothing leaves the device inside the walk: tables are filled in place on the clips' device, and the
   caller copies the finished ``[N, 625]`` tables once.
-- The decoder's grouped self-attention (the 5 children as equal groups, ``layers.Attention.grouped``)
-  runs as 4D ``[B*H, groups, L, hd]`` so CPU SDPA takes its flash kernel: 5D inputs took the unfused
-  math path (a score temporary, softmax, masks): ~18% of the walk's CPU time before, ~6% after
-  (torch.profiler, 4 tiny clips, 1 thread); 3.5x faster a call in isolation.
+- Attention without masks (``layers.Attention.split``): each attention of the 5 children attends to the
+  shared cached past once (all children's queries, no mask) and to each child's own block-t keys
+  separately (only the pairs the block-causal mask allows: 35% of the own part in the encoder's
+  self-attention, 20% in the decoder's cross-attention), and the two are merged by their log-sum-exps
+  (CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` returns them). The masked SDPA calls it
+  replaced scored every [past | all children] pair at ~2x the cost a score (masked kernel); the decoder's
+  self-attention had copied the past keys once per child. ~10% of the walk's CPU time (4 tiny clips, 1
+  thread). Before that, 5D grouped inputs had taken SDPA's unfused math path: groups are passed 4D.
 - Measured, no gain: more clips a batch (8 vs 4 clips: 19.0 vs 18.8 CPU s for 8 tiny clips, 1 thread);
   the GEMMs are already ~1000 rows.
 - ``precision``: the model may run under autocast (``bf16``) for measurements; metrics stay float32.

@@ -237,3 +237,24 @@ def test_files_written_before_query_init_load_as_first_token_seeding():
     save_model(model(**SMALL), buf)
     buf.seek(0)
     assert load_model(buf).config.query_init == TokenizerConfig().query_init
+
+
+@pytest.mark.parametrize("q_sizes,k_sizes", [([1, 2, 4, 8], [1, 2, 4, 8]), ([4, 4, 4], [1, 2, 4]), ([3, 3], [3, 3])])
+@pytest.mark.parametrize("past_len", [0, 5])
+def test_split_attention_equals_block_diagonal_masked_attention(q_sizes, k_sizes, past_len):
+    """Attention.split (past once + each group's own keys, merged by log-sum-exp) = one masked call over
+    [past | own] where query group i sees the past and key group i."""
+    from evatok.layers import Attention
+
+    torch.manual_seed(0)
+    att = Attention(16, 2).eval()
+    x = torch.randn(2, sum(q_sizes), 16)
+    own = att.kv_heads(torch.randn(2, sum(k_sizes), 16))
+    past = [att.kv_heads(torch.randn(2, n, 16)) for n in ((2, past_len - 2) if past_len else ())]
+    gid = lambda sizes: torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # noqa: E731
+    mask = torch.cat([torch.ones(sum(q_sizes), past_len, dtype=torch.bool),
+                      gid(q_sizes)[:, None] == gid(k_sizes)[None, :]], 1)
+    k = torch.cat([s[0] for s in past] + [own[0]], 2)
+    v = torch.cat([s[1] for s in past] + [own[1]], 2)
+    with torch.inference_mode():
+        assert torch.allclose(att.split(x, past, own, q_sizes, k_sizes), att(x, k, v, mask), atol=1e-6)
