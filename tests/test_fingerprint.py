@@ -157,6 +157,8 @@ def test_plan_defaults_everything_under_work_dir(tmp_path, monkeypatch):
     assert m["ar"].train.tokenizer == f"{w}/final/final.pt"
     assert all(c.train.data == f"{w}/data" for n, c in m.items() if n != "ar")
     assert m["ar"].train.data == f"{w}/codes/codes"  # the AR model trains on the tokenize stage's codes
+    assert plan.base.evaluate.ar == f"{w}/ar/ar.pt"  # generation metrics of the pipeline's AR model
+    assert resolve(None, ["work_dir=w", "evaluate.ar=none"]).base.evaluate.ar == ""  # or none at all
     with pytest.raises(ConfigError, match="per-model outputs"):
         resolve(None, ["work_dir=w", "train.output=one.pt"])
     with pytest.raises(ConfigError, match="both be exported"):

@@ -176,7 +176,7 @@ class EvaluateConfig:
     i3d: str | None = None      # TorchScript I3D file: adds rFVD (a TorchScript file is code: trusted input)
     i3d_sha256: str | None = None  # its publisher's SHA-256: the file is checked before it is loaded
     ar: str = ""                # exported AR model(s), comma-separated: their generation metrics
-                                # (workflows.generate.generation_metrics; `evatok run`: work_dir/ar/ar.pt)
+                                # (workflows.generate.generation_metrics); "" -> work_dir/ar/ar.pt; "none": none
     classifier: str = ""        # the feature network of the generation metrics ("" -> generate's)
 
 

@@ -131,7 +131,9 @@ def resolve(recipe, overrides=(), target: str | None = None) -> Plan:
         sec.tokenizer, sec.router = sec.tokenizer or exports["final"], sec.router or exports["router"]
         sec.labels = sec.labels or labels
         sec.val_every = models["final"].train.val_every if sec.val_every is None else sec.val_every
-    base.evaluate.ar = base.evaluate.ar or exports["ar"]  # generation metrics once the AR model exists
+    # generation metrics once the AR model exists; evaluate.ar=none: none (an empty value is the default)
+    ar = base.evaluate.ar
+    base.evaluate.ar = "" if ar and ar.rstrip("/").rsplit("/", 1)[-1] == "none" else ar or exports["ar"]
     base.evaluate.classifier = base.evaluate.classifier or exports["classifier"]  # their feature network
     from workflows.tokenize import codes_uri
 
