@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evatok.assignment import AssignmentSpace, RewardStats, best_assignment  # noqa: E402
 from workflows import storage  # noqa: E402
+from workflows.compare import interp  # noqa: E402  (the curve interpolation evaluate and compare use)
 from workflows.label import scores_to_arrays  # noqa: E402
 from workflows.train.data import held_out, parquet_prefix  # noqa: E402
 
@@ -49,10 +50,6 @@ def held_out_scores(label: str, clips: str, every: int, metrics=("mse", "psnr"))
     return {m: np.concatenate(p) for m, p in parts.items()}
 
 
-def interp(xs: list[float], ys: list[float], x: float) -> float:
-    return float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] else float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True, help="the label stage's output prefix (scores/, stats.json)")
@@ -67,13 +64,10 @@ def main() -> None:
     s = held_out_scores(a.label, a.clips, a.val_every, metrics)
     n = len(s["psnr"])
     totals = space.totals.numpy().astype(float)
-    levels = space.num_levels
-    uniform = [sum(j * levels ** (space.num_blocks - 1 - t) for t in range(space.num_blocks)) for j in range(levels)]
-    xs = [totals[i] for i in uniform]
-    ys = [float(s["psnr"][:, i].mean()) for i in uniform]
+    curve = [(float(totals[i]), float(s["psnr"][:, i].mean()), "") for i in space.uniform_indices().tolist()]
     print(f"{n} held-out clips (videos with crc32(video_id) % {a.val_every} == 0), proxy scores from "
           f"{storage.redact(a.label)}; reward metric {a.metric}")
-    print("uniform: " + ", ".join(f"{x:.0f} tokens {y:.2f} dB" for x, y in zip(xs, ys)))
+    print("uniform: " + ", ".join(f"{x:.0f} tokens {y:.2f} dB" for x, y, _ in curve))
     st = RewardStats(**stats["metrics"][a.metric])
     print(f"\n{'w_q/w_l':>9} {'mean tokens':>12} {'labels dB':>10} {'uniform dB':>11} {'difference':>11} "
           f"{'distinct':>9} {'top share':>10}")
@@ -81,7 +75,8 @@ def main() -> None:
         idx = np.asarray(best_assignment(s[a.metric], totals, st, w_q, 2.0 - w_q)).reshape(-1)
         tokens = float(totals[idx].mean())
         got = float(s["psnr"][np.arange(n), idx].mean())
-        ref = interp(xs, ys, tokens)
+        ref = interp(curve, tokens)
+        ref = float("nan") if ref is None else ref
         share = np.bincount(idx, minlength=space.size).max() / n
         print(f"{w_q:4.1f}/{2 - w_q:3.1f} {tokens:12.1f} {got:10.2f} {ref:11.2f} {got - ref:+11.2f} "
               f"{len(set(idx.tolist())):9d} {share:10.0%}")

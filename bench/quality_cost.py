@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def patch_code_bound(tr: torch.Tensor, val: torch.Tensor, fit_patches: int = 50_
     module docstring): {"1 code a patch (10 bits)": dB, "2 codes a patch (20 bits)": dB}."""
     cfg = PRESETS["tiny"]()
     shaper = AdaptiveTokenizer(cfg)
-    bits = int(round(torch.log2(torch.tensor(float(cfg.codebook_size))).item()))
+    bits = round(math.log2(cfg.codebook_size))
     ptr = shaper.patchify(tr).reshape(-1, cfg.patch_dim)
     ptr = ptr[torch.randperm(ptr.shape[0], generator=torch.Generator().manual_seed(0))[:fit_patches]]
     pval = shaper.patchify(val).reshape(-1, cfg.patch_dim)
