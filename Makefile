@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/evatok status -c configs/tiny.yaml
 	@echo "Open MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/tiny/mlflow.db  (then http://127.0.0.1:5000)"
 
-# The reproduction study (docs/reproduction.md): the pipeline on 640 synthetic videos, then what the
+# The reproduction study (docs/reproduction.md): the pipeline on 1000 synthetic videos, then what the
 # four findings need beside it: the proxy evaluated on the router's assignments, and two AR models on
 # codes of equal mean length (the router at a budget of 64 tokens a clip; uniform, 16 tokens a block).
 # Every command skips what is done, so `make study` resumes where it stopped.
