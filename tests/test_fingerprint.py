@@ -159,6 +159,8 @@ def test_plan_defaults_everything_under_work_dir(tmp_path, monkeypatch):
     assert m["ar"].train.data == f"{w}/codes/codes"  # the AR model trains on the tokenize stage's codes
     assert plan.base.evaluate.ar == f"{w}/ar/ar.pt"  # generation metrics of the pipeline's AR model
     assert resolve(None, ["work_dir=w", "evaluate.ar=none"]).base.evaluate.ar == ""  # or none at all
+    # only the word itself: a model file that happens to be called none is still that file
+    assert resolve(None, ["work_dir=w", "evaluate.ar=models/none"]).base.evaluate.ar == str(tmp_path / "models/none")
     with pytest.raises(ConfigError, match="per-model outputs"):
         resolve(None, ["work_dir=w", "train.output=one.pt"])
     with pytest.raises(ConfigError, match="both be exported"):

@@ -371,6 +371,11 @@ URI_FIELDS += ("tokenize.clips", "tokenize.tokenizer", "tokenize.router", "token
                "evaluate.lpips_backbone", "evaluate.i3d", "evaluate.ar", "evaluate.classifier")
 
 
+#: A URI field set to this means "none wanted" (``evaluate.ar=none``), where an empty value means the
+#: default; it is never made a path, so a file called ``none`` in the working directory cannot be meant.
+NONE = "none"
+
+
 def absolute_uris(cfg: Config) -> Config:
     """A copy of ``cfg`` whose relative local URIs (``URI_FIELDS``, and a ``sqlite:///relative.db``
     tracking URI) are absolute against the current working directory.
@@ -388,7 +393,7 @@ def absolute_uris(cfg: Config) -> Config:
         section, _, key = dotted.rpartition(".")
         node = getattr(out, section) if section else out
         value = getattr(node, key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and value != NONE:
             setattr(node, key, storage.absolute(value))
     uri = out.mlflow.tracking_uri
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

@@ -39,7 +39,7 @@ from typing import Any
 
 from workflows import fingerprint as F
 from workflows import storage
-from workflows.config import MODELS, Config, ConfigError, absolute_uris, load_config, to_dict
+from workflows.config import MODELS, NONE, Config, ConfigError, absolute_uris, load_config, to_dict
 from workflows.stage import StageError
 
 
@@ -133,7 +133,7 @@ def resolve(recipe, overrides=(), target: str | None = None) -> Plan:
         sec.val_every = models["final"].train.val_every if sec.val_every is None else sec.val_every
     # generation metrics once the AR model exists; evaluate.ar=none: none (an empty value is the default)
     ar = base.evaluate.ar
-    base.evaluate.ar = "" if ar and ar.rstrip("/").rsplit("/", 1)[-1] == "none" else ar or exports["ar"]
+    base.evaluate.ar = "" if ar == NONE else ar or exports["ar"]
     base.evaluate.classifier = base.evaluate.classifier or exports["classifier"]  # their feature network
     from workflows.tokenize import codes_uri
 
