@@ -197,3 +197,25 @@ def test_train_ar_on_codes_with_ray_train(ray_local, models, clips, tmp_path):
         f"train.tokenizer={tok_uri}", f"train.router={router_uri}", "train.batch_size=4", "train.cpus_per_worker=0.5",
         "train.checkpoint_every=100", "data.size=32"]))
     assert res.steps == 3 and res.metrics["fixed_loss_end"] < res.metrics["fixed_loss_start"]
+
+
+def test_calibration_split_is_a_hash_sample_not_the_first_shard(clips):
+    """Budget calibration clips are a deterministic random sample of the training videos' clips (the
+    smallest salted SHA-256 of the clip id), read from every shard, not the first N in shard order (a
+    biased sample whenever shards follow the input's order: the study's lambda missed its budget by 20%)."""
+    import hashlib
+
+    from workflows.tokenize import calibration_split
+    from workflows.train.data import held_out
+
+    ids = storage.read_table(clips + "/clips", columns=["clip_id", "video_id"])
+    cids, vids = ids.column("clip_id").to_pylist(), ids.column("video_id").to_pylist()
+    held = held_out(vids, 4)
+    train = [c for c, v in zip(cids, vids) if v not in held]
+    key = lambda c: hashlib.sha256(f"calibration:{c}".encode()).digest()  # noqa: E731
+    got = calibration_split(clips, 4, 5).column("clip_id").to_pylist()
+    assert len(got) == 5 and not {v for c, v in zip(cids, vids) if c in got} & held
+    assert set(got) == set(sorted(train, key=key)[:5])
+    assert got != train[:5]  # this sample differs from the first five in shard order
+    assert calibration_split(clips, 4, 5).column("clip_id").to_pylist() == got  # deterministic
+    assert calibration_split(clips, 4, 100).num_rows == len(train)
