@@ -257,3 +257,23 @@ def test_training_data_may_be_a_stage_output_prefix(tmp_path):
     assert parquet_prefix(str(tmp_path / "t")) == str(tmp_path / "t" / "codes")
     assert parquet_prefix(str(tmp_path / "i")) == str(tmp_path / "i" / "clips")
     assert parquet_prefix(str(tmp_path / "t" / "codes")) == str(tmp_path / "t" / "codes")
+
+
+def test_unrecorded_checkpoints_are_never_resumed(tmp_path):
+    """With no record of a training run, checkpoints already under ray_results/<name> (the record was
+    deleted, or another work_dir shares ray_results) are of unknown inputs: the run starts fresh under
+    <name>-<fingerprint> instead of resuming them (which returned the old model with no step trained)."""
+    from types import SimpleNamespace
+
+    from workflows.train.loop import ray_run_name
+
+    rr = str(tmp_path / "ray_results")
+    none = SimpleNamespace(resume=False, fresh=False, claim=None)
+    assert ray_run_name("study-ar", "abc123", none, rr) == "study-ar"  # nothing there: the plain name
+    (tmp_path / "ray_results" / "study-ar" / "checkpoint_000001").mkdir(parents=True)
+    (tmp_path / "ray_results" / "study-ar" / "checkpoint_000001" / "loop_state.json").write_text("{}")
+    assert ray_run_name("study-ar", "abc123", none, rr) == "study-ar-abc123"
+    # a resume continues the run its claim names; a run made otherwise always starts fresh
+    assert ray_run_name("study-ar", "abc123", SimpleNamespace(resume=True, fresh=False, claim={"ray_run": "study-ar"}),
+                        rr) == "study-ar"
+    assert ray_run_name("x", "abc123", SimpleNamespace(resume=False, fresh=True, claim=None), rr) == "x-abc123"

@@ -464,6 +464,29 @@ def _check_curve(cfg: Config, metrics: dict) -> None:
                              f"(proxy.steps, more videos); train.min_curve_gain_db=0 accepts it anyway")
 
 
+def ray_run_name(name: str, short: str, decision, ray_results: str) -> str:
+    """The Ray Train run (and its checkpoint folder under ``ray_results``) a training run uses.
+
+    A resume continues the run its claim names. A run whose record says it was made otherwise starts
+    fresh under ``<name>-<fingerprint>``, so the stale run's checkpoints are never resumed. With no
+    record at all, ``<name>``, unless checkpoints are already there: with the record gone (deleted,
+    or another work_dir sharing ``ray_results``) nothing says what they were made from, and resuming
+    them would return a model of other inputs with no step trained; then ``<name>-<fingerprint>``."""
+    from workflows import storage
+
+    if decision.resume:
+        return decision.claim.get("ray_run", name)
+    if decision.fresh:
+        return f"{name}-{short}"
+    root = storage.join(ray_results, name)
+    try:
+        base = storage.canonical(root).rstrip("/") + "/"
+        taken = any(u[len(base):].startswith("checkpoint_") for u, _, _ in storage.list_files(root) if u.startswith(base))
+    except storage.StorageError:
+        taken = False
+    return f"{name}-{short}" if taken else name
+
+
 def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None = None,
                  fingerprint=None, quiet: bool = False) -> TrainResult:
     """Train ``cfg.train.model`` with the shared loop. Skip a finished run made from the same config and
@@ -496,16 +519,13 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
                            done.get("mlflow_run_id"), done.get("checkpoint_path"), skipped=True,
                            metrics=done.get("metrics", {}), fingerprint=fp.hash,
                            export_sha256=done.get("export_sha256", ""), seconds=float(done.get("seconds", 0.0)))
-    if decision.resume:
-        ray_run = decision.claim.get("ray_run", name)
-    elif decision.fresh:
-        # A new Ray Train run (and MLflow run) name: the stale run's checkpoints are never resumed.
-        ray_run = f"{name}-{fp.short}"
-        if not quiet:
-            print(f"[{name}] replacing a run made otherwise ({'; '.join(decision.reasons)}): fresh run {ray_run}",
-                  flush=True)
-    else:
-        ray_run = name
+    ray_run = ray_run_name(name, fp.short, decision, storage.join(cfg.work_dir, "ray_results"))
+    if decision.fresh and not quiet:
+        print(f"[{name}] replacing a run made otherwise ({'; '.join(decision.reasons)}): fresh run {ray_run}",
+              flush=True)
+    elif ray_run != name and not decision.resume and not quiet:
+        print(f"[{name}] {storage.redact(storage.join(cfg.work_dir, 'ray_results', name))} holds checkpoints of "
+              f"a run with no record here (made from what, unknown): not resumed; fresh run {ray_run}", flush=True)
     micro_batch_size(t, t.num_workers)
     deepspeed_config(t, t.num_workers)
     if t.schedule not in ("cosine", "wsd", "constant"):
