@@ -48,7 +48,7 @@ W := runs/study
 study: $(STAMP)
 	$(S) run $(SC)
 	$(BIN)/python bench/label_frontier.py --label $(W)/label --clips $(W)/data | tee $(W)/label_frontier.txt
-	$(BIN)/python bench/label_predictability.py --label $(W)/label --clips $(W)/data | tee $(W)/label_predictability.txt
+	$(BIN)/python bench/label_predictability.py --label $(W)/label --clips $(W)/data --router $(W)/router/router.pt | tee $(W)/label_predictability.txt
 	$(S) evaluate $(SC) evaluate.tokenizer=$(W)/proxy/proxy.pt evaluate.output=$(W)/eval-proxy evaluate.ar=none
 	$(S) tokenize $(SC) tokenize.mode=budget:64 tokenize.output=$(W)/codes-b64
 	$(S) tokenize $(SC) tokenize.mode=uniform:16 tokenize.output=$(W)/codes-u16

@@ -1,6 +1,6 @@
 """Can a clip's label be predicted from its content? Router baselines from the label stage's scores.
 
-    python bench/label_predictability.py --label runs/study/label --clips runs/study/data [--val-every 8]
+    python bench/label_predictability.py --label runs/study/label --clips runs/study/data [--router R] [--val-every 8]
 
 A router can only beat a constant where the labels depend on something it sees. This measures how much
 of the reward a rule gets **without training a router**, on the held-out videos of the tokenizers'
@@ -13,6 +13,7 @@ split (one in ``--val-every`` by video id), each rule fitted on the other videos
 - **k nearest neighbours on content features** (per block: mean absolute spatial gradient and temporal
   difference; the clip's pixel std; standardised): the assignment of highest mean reward over the k
   nearest training clips, k in 10, 30, 100;
+- with ``--router``, the **router** itself (its argmax) on the same clips;
 - the per-clip **best uniform assignment**, an oracle (chosen with the clip's rewards in hand), as
   ``evaluate`` reports it; and the labels themselves (100).
 
@@ -65,17 +66,31 @@ def load(label: str, clips: str, metric: str):
     return ids, np.concatenate(tables), meta.take(order)
 
 
-def read_features(clips: str, ids: list[str], num_blocks: int) -> np.ndarray:
+def read_features(clips: str, ids: list[str], num_blocks: int, router=None, held=None):
+    """Standardised content features of every clip of ``ids``, and with ``router`` its argmax for the
+    clips where ``held`` is true (``[N]``, -1 elsewhere)."""
+    import torch
+
+    from evatok import routing
+    from evatok.video import to_tensor
+
     want = {c: i for i, c in enumerate(ids)}
     out = np.zeros((len(ids), 2 * num_blocks + 1))
+    routed = np.full(len(ids), -1)
     for uri in storage.list_parquet(parquet_prefix(clips)):
         t = storage.read_table(uri)
         keep = [i for i, c in enumerate(map(str, t.column("clip_id").to_pylist())) if c in want]
         if keep:
             t = t.take(keep)
             rows = [want[c] for c in map(str, t.column("clip_id").to_pylist())]
-            out[rows] = content_features(frames_from_table(t), num_blocks)
-    return (out - out.mean(0)) / (out.std(0) + 1e-9)
+            frames = frames_from_table(t)
+            out[rows] = content_features(frames, num_blocks)
+            if router is not None:
+                sel = [j for j, r in enumerate(rows) if held[r]]
+                if sel:
+                    lp = routing.router_log_probs(router, to_tensor(torch.from_numpy(np.array(frames[sel]))), 16)
+                    routed[[rows[j] for j in sel]] = lp.argmax(-1).numpy()
+    return (out - out.mean(0)) / (out.std(0) + 1e-9), routed
 
 
 def main() -> None:
@@ -86,6 +101,7 @@ def main() -> None:
     ap.add_argument("--metric", default="mse")
     ap.add_argument("--w-q", type=float, default=1.4)
     ap.add_argument("--w-l", type=float, default=0.6)
+    ap.add_argument("--router", default="", help="a router file: also its own choices on the same clips")
     a = ap.parse_args()
     stats = json.loads(storage.read_bytes(storage.join(a.label, "stats.json")))
     space = AssignmentSpace(stats["counts"])
@@ -117,7 +133,14 @@ def main() -> None:
         best = {c: r[tr & (cls == c)].mean(0).argmax() for c in classes}
         show("class known: its most common label", [common[c] for c in cls[h]])
         show("class known: its highest mean reward", [best[c] for c in cls[h]])
-    feats = read_features(a.clips, ids, space.num_blocks)
+    router = None
+    if a.router:
+        from workflows.tokenize import load_model
+
+        router = load_model(a.router)
+    feats, routed = read_features(a.clips, ids, space.num_blocks, router, h)
+    if router is not None:
+        show(f"the router ({Path(a.router).name})", routed[h])
     d = ((feats[h][:, None, :] - feats[tr][None]) ** 2).sum(-1)  # [held, train]
     near = np.argsort(d, 1)
     for k in (10, 30, 100):
