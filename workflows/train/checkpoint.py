@@ -176,10 +176,9 @@ def save(directory: str | Path, rank: int, state: LoopState, engine, disc_engine
     (d / MANIFEST.format(rank=rank)).write_text(json.dumps(files, sort_keys=True))
 
 
-def latest_complete(root: str, world: int) -> tuple[str, int] | None:
-    """``(uri, step)`` of the newest checkpoint under a Ray Train run's storage folder ``root`` that is
-    complete for ``world`` ranks (every ``files_rank<r>.json``, and every file it lists with its size),
-    or None. Every rank computes the same answer from the same listing."""
+def checkpoint_dirs(root: str) -> dict[str, dict[str, int]]:
+    """The ``checkpoint_*`` folders under a Ray Train run's storage folder ``root``: {folder: {path in
+    it: size}}, complete or not (a missing ``root`` has none)."""
     from workflows import storage
 
     base = storage.canonical(root).rstrip("/") + "/"
@@ -189,8 +188,17 @@ def latest_complete(root: str, world: int) -> tuple[str, int] | None:
         if rel and rel.startswith("checkpoint_") and "/" in rel:
             name, path = rel.split("/", 1)
             dirs.setdefault(name, {})[path] = size
+    return dirs
+
+
+def latest_complete(root: str, world: int) -> tuple[str, int] | None:
+    """``(uri, step)`` of the newest checkpoint under a Ray Train run's storage folder ``root`` that is
+    complete for ``world`` ranks (every ``files_rank<r>.json``, and every file it lists with its size),
+    or None. Every rank computes the same answer from the same listing."""
+    from workflows import storage
+
     best = None
-    for name, files in dirs.items():
+    for name, files in checkpoint_dirs(root).items():
         try:
             lists = [json.loads(storage.read_bytes(storage.join(root, name, MANIFEST.format(rank=r))))
                      for r in range(world)] if all(MANIFEST.format(rank=r) in files for r in range(world)) else None

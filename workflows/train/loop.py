@@ -478,10 +478,8 @@ def ray_run_name(name: str, short: str, decision, ray_results: str) -> str:
         return decision.claim.get("ray_run", name)
     if decision.fresh:
         return f"{name}-{short}"
-    root = storage.join(ray_results, name)
     try:
-        base = storage.canonical(root).rstrip("/") + "/"
-        taken = any(u[len(base):].startswith("checkpoint_") for u, _, _ in storage.list_files(root) if u.startswith(base))
+        taken = bool(ckpt.checkpoint_dirs(storage.join(ray_results, name)))
     except storage.StorageError:
         taken = False
     return f"{name}-{short}" if taken else name
