@@ -267,6 +267,33 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def legacy_proxy(proxy: Path, legacy: Path, dest: Path) -> None:
+    """The proxy file for the legacy stage: the same weights, written with only the config fields the legacy
+    revision's ``TokenizerConfig`` knows (fields added since, e.g. ``entropy_tokens``, would make its loader
+    refuse the file). A dropped field must be at the value the legacy code implies (its default there), or
+    the two stages would run different models; ``query_init`` is the known exception (the decoder seeding
+    changed since c6b8676: the legacy model computes other reconstructions at the same cost)."""
+    import ast
+    import dataclasses
+
+    from evatok.export import load_payload
+
+    payload = load_payload(proxy)
+    tree = ast.parse((legacy / "evatok" / "tokenizer.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TokenizerConfig")
+    known = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    from evatok.tokenizer import TokenizerConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TokenizerConfig)}
+    dropped = {k: v for k, v in payload["config"].items() if k not in known}
+    changed = {k: v for k, v in dropped.items() if k != "query_init" and v != defaults.get(k)}
+    if changed:  # a field away from its default: the legacy model could not be the same model
+        raise SystemExit(f"legacy revision lacks config fields set away from their defaults: {changed}")
+    payload["config"] = {k: v for k, v in payload["config"].items() if k in known}
+    torch.save(payload, dest)
+    print(f"  legacy proxy: same weights, config fields the legacy code lacks dropped: {sorted(dropped)}")
+
+
 def stage_section(a) -> None:
     from evatok.export import save_model
     from workflows.config import load_config
@@ -293,6 +320,7 @@ def stage_section(a) -> None:
             legacy.mkdir()
             arch = subprocess.run(["git", "-C", str(REPO), "archive", a.legacy_rev], capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", str(legacy)], input=arch.stdout, check=True)
+            legacy_proxy(work / "proxy.pt", legacy, work / "proxy-legacy.pt")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         base = [f"label.clips={work / 'ingest'}", f"label.proxy={work / 'proxy.pt'}", "label.metric=mse",
                 f"label.batch_size={a.batch}", "label.num_cpus_per_actor=1", "label.stats_samples=2000"]
@@ -313,8 +341,9 @@ def stage_section(a) -> None:
                                                                          REPO, env, a.run_timeout)
         if legacy is not None:  # the old code first on the path: its own label.py, search.py, config.py
             lenv = dict(os.environ, PYTHONPATH=str(legacy))
+            lstage = [*stage[:-len(base)], *base[:1], f"label.proxy={work / 'proxy-legacy.pt'}", *base[2:]]
             runs[f"legacy stage ({a.legacy_rev}), 2 actors"] = lambda o: _run(
-                [*stage, f"label.output={o}", "label.num_actors=2"], legacy, lenv, a.run_timeout)
+                [*lstage, f"label.output={o}", "label.num_actors=2"], legacy, lenv, a.run_timeout)
         names = list(runs)
         secs = {k: [] for k in names}
         print(f"\n== stage: {n_clips} clips in {shards} shards, preset={a.preset} (random init), batch={a.batch}, "
