@@ -28,7 +28,7 @@ from workflows.clips import frames_from_table
 from workflows.config import load_config
 from workflows.ingest import run_ingest
 from workflows.label import (LabelError, Scorer, finished_units, labels_uri, merge_shard, parquet_rows, plan_units,
-                             read_rows, reward_rows, run_label, run_relabel, scores_to_arrays)
+                             read_rows, reward_rows, run_label, run_relabel, scores_to_arrays, unit_size)
 
 MICRO = dict(size=32, counts=(1, 2, 4, 8, 16), enc_dim=32, enc_layers=1, enc_heads=2, dec_dim=32,
              dec_layers=1, dec_heads=2, codebook_size=64, code_dim=4)
@@ -325,6 +325,19 @@ def test_units_plan_resume_and_merge(tmp_path):
     # units left by another grain may overlap: only a non-overlapping set counts, the gaps are planned
     assert plan_units(10, [(0, 3), (2, 5), (5, 7)], 4) == [(3, 5), (7, 10)]
     assert plan_units(0, [], 8) == [(0, 0)] and plan_units(0, [(0, 0)], 8) == []
+
+
+def test_unit_size_gives_every_actor_several_units():
+    # 24 clips, 2 actors, units of 8: 3 units, one actor would score 16 clips and the other 8
+    assert unit_size(24, 8, 4, 2) == 4  # 6 units, 3 an actor
+    assert unit_size(48, 8, 4, 2) == 6  # 8 units, 4 an actor
+    assert unit_size(10_000, 8, 4, 2) == 8  # many clips: the recipe's grain
+    assert unit_size(6, 8, 4, 2) == 4  # never below one search batch ...
+    assert unit_size(6, 2, 4, 2) == 2  # ... unless the recipe's unit is smaller still
+    assert unit_size(0, 8, 4, 2) == 4 and unit_size(3, 1, 1, 8) == 1
+    # the whole stage: 24 clips in units of <= 8 with 2 actors end up as 6 units of 4
+    units = [u for n in (12, 12) for u in plan_units(n, [], unit_size(24, 8, 4, 2))]
+    assert [b - a for a, b in units] == [4] * 6
 
 
 def test_run_reset_clears_units(tmp_path):
