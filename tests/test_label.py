@@ -327,17 +327,21 @@ def test_units_plan_resume_and_merge(tmp_path):
     assert plan_units(0, [], 8) == [(0, 0)] and plan_units(0, [(0, 0)], 8) == []
 
 
-def test_unit_size_gives_every_actor_several_units():
+def test_unit_size_balances_the_actors():
     # 24 clips, 2 actors, units of 8: 3 units, one actor would score 16 clips and the other 8
-    assert unit_size(24, 8, 4, 2) == 4  # 6 units, 3 an actor
-    assert unit_size(48, 8, 4, 2) == 6  # 8 units, 4 an actor
-    assert unit_size(10_000, 8, 4, 2) == 8  # many clips: the recipe's grain
-    assert unit_size(6, 8, 4, 2) == 4  # never below one search batch ...
+    assert unit_size(24, 8, 4, 2) == 6  # 4 units, 12 clips an actor
+    assert unit_size(12, 8, 4, 2) == 6  # 2 units, not 3 of 4 (8 + 4)
+    assert unit_size(48, 8, 4, 2) == 8  # 6 units, 3 an actor: the recipe's grain already balances
+    assert unit_size(10_000, 8, 4, 2) == 8
+    assert unit_size(5, 8, 4, 2) == 4  # never below one search batch ...
     assert unit_size(6, 2, 4, 2) == 2  # ... unless the recipe's unit is smaller still
-    assert unit_size(0, 8, 4, 2) == 4 and unit_size(3, 1, 1, 8) == 1
-    # the whole stage: 24 clips in units of <= 8 with 2 actors end up as 6 units of 4
-    units = [u for n in (12, 12) for u in plan_units(n, [], unit_size(24, 8, 4, 2))]
-    assert [b - a for a, b in units] == [4] * 6
+    assert unit_size(0, 8, 4, 2) == 8 and unit_size(3, 1, 1, 8) == 1
+    # the shards cut units too: 2 shards of 12 clips in units of 8 are 8, 4, 8, 4: 12 clips an actor
+    sizes = lambda u: [b - a for n in (12, 12) for a, b in plan_units(n, [], u)]  # noqa: E731
+    assert unit_size(24, 8, 4, 2, sizes=sizes) == 8 and sizes(8) == [8, 4, 8, 4]
+    # 3 shards of 8: 3 units of 8 would leave 16 on one actor; units of 4 give 12 each
+    sizes = lambda u: [b - a for n in (8, 8, 8) for a, b in plan_units(n, [], u)]  # noqa: E731
+    assert unit_size(24, 8, 4, 2, sizes=sizes) == 4
 
 
 def test_run_reset_clears_units(tmp_path):

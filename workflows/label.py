@@ -20,7 +20,7 @@ Layout under ``cfg.label.output`` (schemas in ``workflows/clips.py``)::
 
 Work units: the driver reads the clips shards' row counts (Parquet footers) and cuts every unfinished
 shard into units of ``label.clips_per_task`` rows (fewer when the stage is too small to give every actor
-several units, ``unit_size``: whole units decide when the last actor ends); all units go to one Ray Data actor pool (one unit in
+several units, ``unit_size``: actors take whole units, so their sizes decide when the last one ends); all units go to one Ray Data actor pool (one unit in
 flight per actor), so every actor is busy until the last unit and a one-shard dataset uses all of them.
 An actor reads only its rows (the row groups that hold them), scores them ``batch_size`` clips at a
 time with the prefix-tree walk (``evatok.search.score_assignments``) and publishes the unit atomically
@@ -51,6 +51,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -218,22 +219,37 @@ def plan_units(n_rows: int, done: list[tuple[int, int]], per_task: int) -> list[
     return todo
 
 
-UNITS_PER_ACTOR = 4  # at least this many units an actor when the stage is small (see unit_size)
+UNITS_PER_ACTOR = 4  # with at least this many units of label.clips_per_task an actor, units keep that size
 
 
-def unit_size(clips_todo: int, per_task: int, batch_size: int, num_actors: int) -> int:
-    """Clips a work unit for this run: ``label.clips_per_task``, made smaller when there are too few clips
-    for every actor to get ``UNITS_PER_ACTOR`` units, but not below one search batch (``batch_size``: a
-    smaller unit would run the walk on fewer clips than it batches).
+def _makespan(sizes: list[int], num_actors: int) -> int:
+    """Clips on the busiest actor when units of ``sizes`` go, in order, each to the first idle actor (the
+    pool's one-unit-in-flight scheduling, actors of equal speed)."""
+    load = [0] * num_actors
+    for n in sizes:
+        load[load.index(min(load))] += n
+    return max(load)
 
-    The stage ends when its slowest actor does, and an actor's share is whole units: 24 clips in units of
-    8 are 3 units for 2 actors, so one actor scores 16 clips while the other idles after 8 (measured:
-    0.709 clips/s with 2 actors against 0.881 for two plain processes). In units of 4 they are 6, 3 an
-    actor. With many clips (>= ``num_actors * UNITS_PER_ACTOR * per_task``) the unit is ``per_task``: the
-    straggler tail is then at most one unit of many. Units of another size left by an earlier run are
-    kept either way (``plan_units`` fills only the gaps between them)."""
-    want = -(-clips_todo // max(1, num_actors * UNITS_PER_ACTOR))
-    return max(1, min(per_task, max(want, min(batch_size, per_task))))
+
+def unit_size(clips_todo: int, per_task: int, batch_size: int, num_actors: int,
+              sizes: Callable[[int], list[int]] | None = None) -> int:
+    """Clips a work unit for this run: ``label.clips_per_task``, or fewer when the stage is small.
+
+    The stage ends when its busiest actor does, and actors take whole units: 24 clips in units of 8 are 3
+    units for 2 actors, so one actor scores 16 clips while the other idles after 8 (measured: 0.709 clips/s
+    against 0.881 for two plain processes). With at least ``UNITS_PER_ACTOR`` units an actor the unit is
+    ``per_task`` (the tail is then one unit of many). Below that, the unit is the largest size between one
+    search batch (``batch_size``: a smaller unit would run the walk on fewer clips than it batches) and
+    ``per_task`` whose units leave the least on the busiest actor (24 clips, 2 actors: 4 units of 6).
+    ``sizes(u)`` gives the units' clip counts at size ``u`` (the shards cut units too); default: the clips
+    in one run. Units of another size left by an earlier run are kept either way (``plan_units`` fills only
+    the gaps between them)."""
+    if clips_todo >= num_actors * UNITS_PER_ACTOR * per_task:
+        return per_task
+    if sizes is None:
+        sizes = lambda u: [min(u, clips_todo - a) for a in range(0, clips_todo, u)]  # noqa: E731
+    lo = max(1, min(batch_size, per_task))
+    return min(range(per_task, lo - 1, -1), key=lambda u: _makespan(sizes(u), num_actors))
 
 
 def _covers(picked: list[tuple[int, int]], n_rows: int) -> bool:
@@ -608,7 +624,8 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     pending: dict[int, set] = {}
     items = []
     left = sum(b - a for i in open_shards for a, b in plan_units(rows[i], finished[i], lc.clips_per_task))
-    per_task = unit_size(left, lc.clips_per_task, lc.batch_size, lc.num_actors)
+    per_task = unit_size(left, lc.clips_per_task, lc.batch_size, lc.num_actors, sizes=lambda u: [
+        b - a for i in open_shards for a, b in plan_units(rows[i], finished[i], u)])
     for i in open_shards:
         todo = plan_units(rows[i], finished[i], per_task)
         summary.units_skipped += len(_pick(finished[i])) + ((0, 0) in finished[i])
