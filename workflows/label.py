@@ -20,8 +20,9 @@ Layout under ``cfg.label.output`` (schemas in ``workflows/clips.py``)::
 
 Work units: the driver reads the clips shards' row counts (Parquet footers) and cuts every unfinished
 shard into units of ``label.clips_per_task`` rows (fewer when the stage is too small to give every actor
-several units, ``unit_size``: actors take whole units, so their sizes decide when the last one ends); all units go to one Ray Data actor pool (one unit in
-flight per actor), so every actor is busy until the last unit and a one-shard dataset uses all of them.
+several units, ``unit_size``: actors take whole units, so their sizes decide when the last one ends);
+all units go to one Ray Data actor pool (one unit in flight per actor), so every actor is busy until
+the last unit and a one-shard dataset uses all of them.
 An actor reads only its rows (the row groups that hold them), scores them ``batch_size`` clips at a
 time with the prefix-tree walk (``evatok.search.score_assignments``) and publishes the unit atomically
 under its deterministic key. When a shard's last unit arrives, the driver concatenates its units into
