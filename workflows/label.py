@@ -236,12 +236,13 @@ def unit_size(clips_todo: int, per_task: int, batch_size: int, num_actors: int,
               sizes: Callable[[int], list[int]] | None = None) -> int:
     """Clips a work unit for this run: ``label.clips_per_task``, or fewer when the stage is small.
 
-    The stage ends when its busiest actor does, and actors take whole units: 24 clips in units of 8 are 3
-    units for 2 actors, so one actor scores 16 clips while the other idles after 8 (measured: 0.709 clips/s
-    against 0.881 for two plain processes). With at least ``UNITS_PER_ACTOR`` units an actor the unit is
-    ``per_task`` (the tail is then one unit of many). Below that, the unit is the largest size between one
-    search batch (``batch_size``: a smaller unit would run the walk on fewer clips than it batches) and
-    ``per_task`` whose units leave the least on the busiest actor (24 clips, 2 actors: 4 units of 6).
+    The stage ends when its busiest actor does, and actors take whole units: a shard of 12 clips in units
+    of 8 is 8 + 4, so one actor scores 8 clips while the other idles after 4 (measured, 2 actors, tiny
+    preset: 22.2 and 22.6 s for the stage; in units of 6, 18.5 and 18.2 s). With at least
+    ``UNITS_PER_ACTOR`` units an actor the unit is ``per_task`` (the tail is then one unit of many). Below
+    that, the unit is the largest size between one search batch (``batch_size``: a smaller unit would run
+    the walk on fewer clips than it batches) and ``per_task`` whose units leave the least on the busiest
+    actor.
     ``sizes(u)`` gives the units' clip counts at size ``u`` (the shards cut units too); default: the clips
     in one run. Units of another size left by an earlier run are kept either way (``plan_units`` fills only
     the gaps between them)."""
