@@ -625,9 +625,10 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     infos = [done[i] for i in shards if i in done]
     pending: dict[int, set] = {}
     items = []
-    left = sum(b - a for i in open_shards for a, b in plan_units(rows[i], finished[i], lc.clips_per_task))
-    per_task = unit_size(left, lc.clips_per_task, lc.batch_size, lc.num_actors, sizes=lambda u: [
-        b - a for i in open_shards for a, b in plan_units(rows[i], finished[i], u)])
+    def sizes(u: int) -> list[int]:  # the clips of each unit still to score, in units of at most u
+        return [b - a for i in open_shards for a, b in plan_units(rows[i], finished[i], u)]
+
+    per_task = unit_size(sum(sizes(lc.clips_per_task)), lc.clips_per_task, lc.batch_size, lc.num_actors, sizes)
     for i in open_shards:
         todo = plan_units(rows[i], finished[i], per_task)
         summary.units_skipped += len(_pick(finished[i])) + ((0, 0) in finished[i])

@@ -517,12 +517,13 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
                            done.get("mlflow_run_id"), done.get("checkpoint_path"), skipped=True,
                            metrics=done.get("metrics", {}), fingerprint=fp.hash,
                            export_sha256=done.get("export_sha256", ""), seconds=float(done.get("seconds", 0.0)))
-    ray_run = ray_run_name(name, fp.short, decision, storage.join(cfg.work_dir, "ray_results"))
+    ray_results = storage.join(cfg.work_dir, "ray_results")
+    ray_run = ray_run_name(name, fp.short, decision, ray_results)
     if decision.fresh and not quiet:
         print(f"[{name}] replacing a run made otherwise ({'; '.join(decision.reasons)}): fresh run {ray_run}",
               flush=True)
     elif ray_run != name and not decision.resume and not quiet:
-        print(f"[{name}] {storage.redact(storage.join(cfg.work_dir, 'ray_results', name))} holds checkpoints of "
+        print(f"[{name}] {storage.redact(storage.join(ray_results, name))} holds checkpoints of "
               f"a run with no record here (made from what, unknown): not resumed; fresh run {ray_run}", flush=True)
     micro_batch_size(t, t.num_workers)
     deepspeed_config(t, t.num_workers)
@@ -540,14 +541,14 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
     import ray.train
 
     datasets, uri, digest, rows, per_epoch, classes, targets = _prepare_data(cfg)
-    fs, path = storage.to_pyarrow(storage.join(cfg.work_dir, "ray_results"))
+    fs, path = storage.to_pyarrow(ray_results)
     loop_config = {  # Ray metadata: no credential (a tracking URI's user:password@ travels by env var name)
         "cfg": public_cfg, "run_name": ray_run, "tracking_uri": tracking_uri, "tracking_env": tracking_env,
         "data_uri": uri, "data_digest": fp.inputs["data"]["digest"], "rows": rows, "per_epoch": per_epoch,
         "classes": classes, "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
         "upstream_tags": _upstream_tags(cfg, parent_run_id),
         "claim_id": claim["claim_id"],
-        "ckpt_root": storage.join(cfg.work_dir, "ray_results", ray_run),  # where this run's checkpoints land  # scopes the MLflow run this one may reopen (a resume: the same claim)
+        "ckpt_root": storage.join(ray_results, ray_run),  # where this run's checkpoints land  # scopes the MLflow run this one may reopen (a resume: the same claim)
     }
     trainer = TorchTrainer(
         train_worker,
