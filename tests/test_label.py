@@ -27,8 +27,9 @@ from workflows import storage
 from workflows.clips import frames_from_table
 from workflows.config import load_config
 from workflows.ingest import run_ingest
-from workflows.label import (LabelError, Scorer, finished_units, labels_uri, merge_shard, parquet_rows, plan_units,
-                             read_rows, reward_rows, run_label, run_relabel, scores_to_arrays, unit_size)
+from workflows.label import (LabelError, Scorer, labels_uri, merge_shard, reward_rows, run_label, run_relabel,
+                             scores_to_arrays)
+from workflows.label_units import finished_units, parquet_rows, plan_units, read_rows, unit_size
 
 MICRO = dict(size=32, counts=(1, 2, 4, 8, 16), enc_dim=32, enc_layers=1, enc_heads=2, dec_dim=32,
              dec_layers=1, dec_heads=2, codebook_size=64, code_dim=4)
@@ -347,7 +348,7 @@ def test_unit_size_balances_the_actors():
 def test_run_reset_clears_units(tmp_path):
     """`evatok run`'s reset of the label stage (``--force`` or a stale output) removes the work units of
     unfinished shards too: a rerun with another proxy would otherwise take them as scored."""
-    from workflows.label import unit_uri
+    from workflows.label_units import unit_uri
     from workflows.run import LabelStage
 
     out = str(tmp_path / "L")

@@ -55,7 +55,7 @@ class LabelConfig:
     clips_per_task: int = 8     # clips per work unit (rows of a clips shard): the grain of scheduling,
                                 # progress and resume; every actor stays busy, even on a one-shard dataset
                                 # (smaller units, not below batch_size, when there are too few clips for
-                                # 4 units an actor: see workflows.label.unit_size)
+                                # 4 units an actor: see workflows.label_units.unit_size)
     num_actors: int = 2
     num_cpus_per_actor: float = 1.0  # also the actor's torch thread count (floor, >= 1)
     use_gpu: bool = False

@@ -296,7 +296,7 @@ class LabelStage(Stage):
         return F.label_fingerprint(cfg)
 
     def clear(self, cfg):
-        from workflows.label import UNITS
+        from workflows.label_units import UNITS
 
         out = storage.canonical(cfg.label.output)
         for part in ("_DONE.json", "_label.json", "stats.json"):
