@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evatok.ar_sampling import generate as _generate
+from evatok.layers import Linear
 
 IGNORE_INDEX = -100
 
@@ -239,8 +240,8 @@ class Attention(nn.Module):
     def __init__(self, c: ARConfig):
         super().__init__()
         self.heads, self.head_dim = c.n_heads, c.dim // c.n_heads
-        self.wqkv = nn.Linear(c.dim, 3 * c.dim, bias=False)
-        self.wo = nn.Linear(c.dim, c.dim, bias=False)
+        self.wqkv = Linear(c.dim, 3 * c.dim, bias=False)
+        self.wo = Linear(c.dim, c.dim, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         B, L, D = x.shape
@@ -261,9 +262,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, c: ARConfig):
         super().__init__()
-        self.w1 = nn.Linear(c.dim, c.ffn_hidden, bias=False)  # gate
-        self.w3 = nn.Linear(c.dim, c.ffn_hidden, bias=False)  # up
-        self.w2 = nn.Linear(c.ffn_hidden, c.dim, bias=False)  # down
+        self.w1 = Linear(c.dim, c.ffn_hidden, bias=False)  # gate
+        self.w3 = Linear(c.dim, c.ffn_hidden, bias=False)  # up
+        self.w2 = Linear(c.ffn_hidden, c.dim, bias=False)  # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -290,7 +291,7 @@ class ARModel(nn.Module):
         self.tok_emb = nn.Embedding(self.layout.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.head = None if config.tie_embeddings else nn.Linear(config.dim, self.layout.out_vocab, bias=False)
+        self.head = None if config.tie_embeddings else Linear(config.dim, self.layout.out_vocab, bias=False)
         cos, sin = rope_tables(config.dim // config.n_heads, self.layout.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evatok.layers import Linear, linear
+
 
 class VectorQuantizer(nn.Module):
     def __init__(self, in_dim: int, codebook_size: int = 1024, code_dim: int = 8, beta: float = 0.25,
@@ -29,7 +31,7 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.beta, self.entropy_temperature, self.entropy_tokens = beta, entropy_temperature, entropy_tokens
-        self.proj = nn.Linear(in_dim, code_dim)  # down to the lookup space
+        self.proj = Linear(in_dim, code_dim)  # down to the lookup space
         self.embedding = nn.Embedding(codebook_size, code_dim)
         nn.init.normal_(self.embedding.weight)
 
@@ -44,7 +46,7 @@ class VectorQuantizer(nn.Module):
         """Inference path: ``x [..., in_dim]`` -> (normalised z, codes, q), no losses."""
         z = F.normalize(self.proj(x), dim=-1)
         cb = self.codebook()
-        codes = (z @ cb.t()).argmax(-1)  # unit vectors: nearest in L2 == highest cosine
+        codes = linear(z, cb).argmax(-1)  # unit vectors: nearest in L2 == highest cosine
         return z, codes, F.embedding(codes, cb)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from evatok.assignment import AssignmentSpace
+from evatok.layers import Linear
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Router(nn.Module):
             self.space = AssignmentSpace(config.counts, num_blocks=config.num_blocks)
         gt, gh, gw = config.grid
         pt, ph, pw = config.patch_size
-        self.patch_embed = nn.Linear(3 * pt * ph * pw, config.dim)
+        self.patch_embed = Linear(3 * pt * ph * pw, config.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + gt * gh * gw, config.dim))
         layer = nn.TransformerEncoderLayer(config.dim, config.heads, config.mlp_dim, config.dropout,
@@ -115,7 +116,7 @@ class Router(nn.Module):
         # enable_nested_tensor is incompatible with norm_first and only warns; turn it off.
         self.blocks = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
-        self.head = nn.Linear(config.dim, config.num_classes)
+        self.head = Linear(config.dim, config.num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evatok.layers import KV, QFormerLayer
+from evatok.layers import KV, Linear, QFormerLayer
 from evatok.quantizer import VectorQuantizer
 
 
@@ -144,22 +144,22 @@ class AdaptiveTokenizer(nn.Module):
         super().__init__()
         self.config = c = config
         nb, hw = c.num_blocks, c.hw
-        self.patch_embed = nn.Linear(c.patch_dim, c.enc_dim)
+        self.patch_embed = Linear(c.patch_dim, c.enc_dim)
         self.patch_pos = nn.Parameter(torch.zeros(nb * hw, c.enc_dim))
-        self.global_proj = nn.Linear(c.enc_dim, c.enc_dim)
+        self.global_proj = Linear(c.enc_dim, c.enc_dim)
         self.query_pos = nn.Parameter(torch.zeros(c.kmax, c.enc_dim))
         self.enc_block = nn.Parameter(torch.zeros(nb, c.enc_dim))
         self.encoder = nn.ModuleList(QFormerLayer(c.enc_dim, c.enc_heads, c.mlp_ratio) for _ in range(c.enc_layers))
         self.enc_norm = nn.LayerNorm(c.enc_dim)
         self.quantizer = VectorQuantizer(c.enc_dim, c.codebook_size, c.code_dim, c.beta, c.entropy_temperature,
                                          c.entropy_tokens)
-        self.post_quant = nn.Linear(c.code_dim, c.dec_dim)
+        self.post_quant = Linear(c.code_dim, c.dec_dim)
         self.token_pos = nn.Parameter(torch.zeros(c.kmax, c.dec_dim))
         self.dec_block = nn.Parameter(torch.zeros(nb, c.dec_dim))
         self.dec_pos = nn.Parameter(torch.zeros(nb * hw, c.dec_dim))
         self.decoder = nn.ModuleList(QFormerLayer(c.dec_dim, c.dec_heads, c.mlp_ratio) for _ in range(c.dec_layers))
         self.dec_norm = nn.LayerNorm(c.dec_dim)
-        self.to_pixels = nn.Linear(c.dec_dim, c.patch_dim)
+        self.to_pixels = Linear(c.dec_dim, c.patch_dim)
         self.register_buffer("patch_block", torch.arange(nb * hw) // hw, persistent=False)
         full = pyramid_cover(c.kmax, c.grid)
         cover = torch.zeros(len(c.counts), hw, c.kmax)

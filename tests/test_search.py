@@ -111,3 +111,57 @@ def test_walk_leaves_no_reference_cycles(setup):
     # becoming unreachable meanwhile) may drop cyclic garbage of its own while the collector is off.
     ours = [o for o in left if str(getattr(o, "__module__", "") or type(o).__module__).startswith("evatok")]
     assert not ours, sorted({type(o).__name__ for o in ours})
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_linear_uses_onednn_only_for_large_inference_products(monkeypatch):
+    from evatok import layers
+
+    if not layers._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(0)
+    lin = layers.Linear(128, 512)
+    x = torch.randn(2, 320, 128, requires_grad=True)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: lin(x))
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: lin(x[:, :4]))  # AR-step sized: MKL
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: lin.bfloat16()(x.bfloat16()))  # other dtypes
+        lin.float()
+    ops = _ops(lambda: lin(x).sum().backward())  # training: the autograd path, gradients flow
+    assert "mkldnn::_linear_pointwise" not in ops and x.grad is not None and lin.weight.grad is not None
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", False)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in _ops(lambda: lin(x))
+
+
+def test_onednn_walk_argmax_equals_625_plain_full_passes(monkeypatch):
+    """The label stage's walk at the tiny preset's real widths (where oneDNN's GEMM is taken) against
+    625 full passes with oneDNN off (MKL): same tables to float rounding, same reward argmax for every
+    metric at the default weights and where quality decides."""
+    from evatok import layers
+    from evatok.tokenizer import PRESETS
+
+    if not layers._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(0)
+    m = AdaptiveTokenizer(PRESETS["tiny"]()).eval()
+    g = torch.Generator().manual_seed(2)
+    x = F.interpolate(torch.rand(1, 3, 4, 16, 16, generator=g), size=(16, 64, 64), mode="trilinear") - 0.5
+    with torch.inference_mode():  # a step of the walk takes oneDNN's GEMM at these widths
+        assert "mkldnn::_linear_pointwise" in _ops(lambda: m.prefix_step(m.prefix_init(x)))
+    tree = score_assignments(m, x, batch_clips=1)
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", False)
+    brute = score_assignments_bruteforce(m, x, batch_clips=1)
+    space = AssignmentSpace(m.config.counts)
+    for name in ("mse", "psnr", "ssim"):
+        assert torch.allclose(tree[name], brute[name], atol=1e-4, rtol=1e-5), name
+        st = estimate_stats(brute[name], space.totals, metric=name)
+        for wq, wl in [(1.4, 0.6), (1.2, 0.8), (1.0, 0.1), (1.0, 0.01), (1.0, 0.0)]:
+            assert torch.equal(best_assignment(tree[name], space.totals, st, wq, wl),
+                               best_assignment(brute[name], space.totals, st, wq, wl)), (name, wl)
