@@ -65,11 +65,13 @@ def test_samples_are_written_as_mp4_that_the_project_reader_decodes(models, tmp_
     assert bool(s.well_formed.all())  # logit masking: every sample parses into 4 blocks
     assert s.videos.shape == (6, 16, 64, 64, 3) and s.videos.dtype == np.uint8
     assert set(s.counts.flatten().tolist()) <= set(tok.config.counts)
-    # the decoded clip is what the tokenizer makes of the sampled codes
+    # the decoded clip is what the tokenizer makes of the sampled codes (decoded as inference, like
+    # sampling: with gradients on, linear layers take another GEMM whose rounding may move a pixel by 1)
     codes = torch.nn.utils.rnn.pad_sequence([s.codes[0]], batch_first=True)
     from evatok.video import to_uint8
 
-    assert np.array_equal(to_uint8(tok.decode(codes, s.counts[:1])), s.videos[:1])
+    with torch.no_grad():
+        assert np.array_equal(to_uint8(tok.decode(codes, s.counts[:1])), s.videos[:1])
 
     space = AssignmentSpace(tok.config.counts, tok.config.num_blocks)
     out = G.write_samples(s, str(tmp_path / "gen"), fps=8.0, class_names=CLASSES, space=space)
