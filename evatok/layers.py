@@ -11,9 +11,12 @@ forward, when no gradient is recorded, runs large float32 products on the CPU th
 instead of MKL's. Measured on this project's AMD EPYC CI machines (1 thread): 240 against 110 GFLOP/s
 at the tokenizer's shapes, and the label stage's walk 1.3x faster (``bench/label_bench.py``); results
 differ from MKL's only in summation order (largest table difference 2e-6). oneDNN pays ~10 us a call
-to set up, so products under ``ONEDNN_MIN_MACS`` multiply-adds (the AR's per-token steps) keep MKL.
-Training (gradients on), other dtypes and devices use ``F.linear``. ``EVATOK_ONEDNN_LINEAR=0`` turns
-it off.
+to set up, so small layers (under ``ONEDNN_MIN_WEIGHT`` weights: the quantiser's 8-dim projections and
+code lookup) and calls of under ``ONEDNN_MIN_ROWS`` rows (the AR's per-token steps) keep MKL. The
+choice depends on the layer and never on how many clips share a batch above that floor, and both GEMMs
+give each row the same result at any row count (checked at the tokenizer's shapes), so a clip's codes
+and label do not depend on its batch. Training (gradients on), other dtypes and devices use
+``F.linear``. ``EVATOK_ONEDNN_LINEAR=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
-ONEDNN_MIN_MACS = 1 << 21  # below this many multiply-adds the call's set-up outweighs the faster GEMM
+ONEDNN_MIN_WEIGHT = 1 << 14  # weights (in x out) below which the call's set-up outweighs the faster GEMM
+ONEDNN_MIN_ROWS = 32
 _ONEDNN_LINEAR = (os.environ.get("EVATOK_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -33,8 +37,8 @@ _ONEDNN_LINEAR = (os.environ.get("EVATOK_ONEDNN_LINEAR", "1") != "0" and torch.b
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight)`` takes oneDNN's GEMM: no gradient recorded, CPU, float32, large enough."""
     return (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2
-            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS)
+            and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and weight.numel() >= ONEDNN_MIN_WEIGHT
+            and x.numel() >= ONEDNN_MIN_ROWS * weight.shape[1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

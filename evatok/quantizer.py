@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evatok.layers import Linear, linear
+from evatok.layers import Linear
 
 
 class VectorQuantizer(nn.Module):
@@ -46,7 +46,7 @@ class VectorQuantizer(nn.Module):
         """Inference path: ``x [..., in_dim]`` -> (normalised z, codes, q), no losses."""
         z = F.normalize(self.proj(x), dim=-1)
         cb = self.codebook()
-        codes = linear(z, cb).argmax(-1)  # unit vectors: nearest in L2 == highest cosine
+        codes = (z @ cb.t()).argmax(-1)  # unit vectors: nearest in L2 == highest cosine
         return z, codes, F.embedding(codes, cb)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
