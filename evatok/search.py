@@ -34,7 +34,9 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   thread). Before that, 5D grouped inputs had taken SDPA's unfused math path: groups are passed 4D.
 - Linear layers through oneDNN's float32 GEMM (``layers.Linear``): 36% of the walk's time was MKL's
   GEMM at ~105 GFLOP/s on the AMD EPYC CI machines, where oneDNN reaches ~240. Walk 1.3x faster
-  (9.0-9.5 -> 6.8-7.4 s for 4 tiny clips, 1 thread); tables equal to 2e-6, reward argmax unchanged.
+  (9.0-9.5 -> 6.8-7.4 s for 4 tiny clips, 1 thread; 1.87x the CPU time of c6b8676's walk). Table
+  entries move by ~2e-6, or by ~2e-4 where a near-tied code choice falls the other way; the reward argmax
+  still agrees with 625 full passes on every benchmark clip (and ``tests/test_search.py``).
 - Measured, no gain: more clips a batch (8 vs 4 clips: 19.0 vs 18.8 CPU s for 8 tiny clips, 1 thread);
   the GEMMs are already ~1000 rows.
 - ``precision``: the model may run under autocast (``bf16``) for measurements; metrics stay float32.
