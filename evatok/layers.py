@@ -6,17 +6,17 @@ A layer (pre-norm, as GigaTok's DETR-style decoder layer): x += SelfAttn(LN(x));
 x += MLP(LN(x)). Keys/values are computed from the *normalised layer input*, which depends only on blocks <= t,
 so block t's keys/values can be cached and reused by every later block.
 
-The tokenizer's, router's and AR model's linear layers are ``Linear``: ``nn.Linear`` (same parameters,
-same state dict) whose forward, when no gradient is recorded, runs large float32 products on the CPU
-through oneDNN's GEMM instead of MKL's. Measured on this project's AMD EPYC CI machines (1 thread): 240
-against 110 GFLOP/s at the tokenizer's shapes, and the label stage's walk 1.3x faster
-(``bench/label_bench.py``). Results differ from MKL's only in summation order (at the tokenizer's
-shapes: equal with 128 inputs, ~1e-6 relative with 512). oneDNN pays ~10 us a call to set up, so small
-layers (under ``ONEDNN_MIN_WEIGHT`` weights: the quantiser's 8-dim projections and code lookup) and
-calls of under ``ONEDNN_MIN_ROWS`` rows (the AR's per-token steps) keep MKL. The choice depends on the
-layer and never on how many clips share a batch above that floor, and both GEMMs give each row the same
-result at any row count (checked at the tokenizer's shapes), so a clip's codes and label do not depend
-on its batch. Training (gradients on), other dtypes and devices use ``F.linear``.
+The tokenizer's and AR model's linear layers, and the router's patch embedding and head, are ``Linear``:
+``nn.Linear`` (same parameters, same state dict) whose forward, when no gradient is recorded, runs large
+float32 products on the CPU through oneDNN's GEMM instead of MKL's. Measured on this project's AMD EPYC
+CI machines (1 thread): 240 against 110 GFLOP/s at the tokenizer's shapes, and the label stage's walk
+1.3x faster (``bench/label_bench.py``). Results differ from MKL's only in summation order (at the
+tokenizer's shapes: equal with 128 inputs, ~1e-6 relative with 512). oneDNN pays ~10 us a call to set
+up, so small layers (under ``ONEDNN_MIN_WEIGHT`` weights: the quantiser's 8-dim projections and code
+lookup) and calls of under ``ONEDNN_MIN_ROWS`` rows (the AR's per-token steps) keep MKL. The choice
+depends on the layer and never on how many clips share a batch above that floor, and both GEMMs give
+each row the same result at any row count (checked at the tokenizer's shapes), so a clip's codes and
+label do not depend on its batch. Training (gradients on), other dtypes and devices use ``F.linear``.
 ``EVATOK_ONEDNN_LINEAR=0`` turns it off.
 """
 from __future__ import annotations
