@@ -20,7 +20,8 @@ Layout under ``cfg.label.output`` (schemas in ``workflows/clips.py``)::
 
 Work units: the driver reads the clips shards' row counts (Parquet footers) and cuts every unfinished
 shard into units of ``label.clips_per_task`` rows (fewer when the stage is too small to give every actor
-several units, ``workflows.label_units.unit_size``: actors take whole units, so their sizes decide when the last one ends);
+several units, ``workflows.label_units.unit_size``: actors take whole units, so their sizes decide when
+the last one ends);
 all units go to one Ray Data actor pool (one unit in flight per actor), so every actor is busy until
 the last unit and a one-shard dataset uses all of them.
 An actor reads only its rows (the row groups that hold them), scores them ``batch_size`` clips at a
@@ -59,8 +60,8 @@ import pyarrow as pa
 
 from workflows import storage
 from workflows.clips import digest, frames_from_table, shard_index, shard_name
-from workflows.label_units import (UNITS, _covers, _pick, finished_units, parquet_rows, plan_units, read_rows,
-                                   unit_size, unit_uri)
+from workflows.label_units import (UNITS, covers_rows, finished_units, parquet_rows, pick_units, plan_units,
+                                   read_rows, unit_size, unit_uri)
 from workflows.stage import (Progress, StageError, claim_output, done_shards, ensure_ray, mark_shard,
                              maybe_crash)
 
@@ -182,8 +183,8 @@ def merge_shard(out: str, shard: int, n_rows: int) -> dict | None:
     """Publish ``scores/shard-XXXXX.parquet`` (rows in clips-shard order) and its marker from the
     shard's finished units, then delete them; None while some rows are not scored yet."""
     done = finished_units(out, shard)
-    picked = ([(0, 0)] if (0, 0) in done else []) if n_rows == 0 else _pick(done)
-    if not picked or not _covers(picked, n_rows):
+    picked = ([(0, 0)] if (0, 0) in done else []) if n_rows == 0 else pick_units(done)
+    if not picked or not covers_rows(picked, n_rows):
         return None
     tables, meta = [], []
     for a, b in picked:
@@ -519,7 +520,7 @@ def run_label(cfg, quiet: bool = False) -> LabelSummary:
     per_task = unit_size(sum(sizes(lc.clips_per_task)), lc.clips_per_task, lc.batch_size, lc.num_actors, sizes)
     for i in open_shards:
         todo = plan_units(rows[i], finished[i], per_task)
-        summary.units_skipped += len(_pick(finished[i])) + ((0, 0) in finished[i])
+        summary.units_skipped += len(pick_units(finished[i])) + ((0, 0) in finished[i])
         if not todo:  # every unit was published by an earlier run that stopped before merging
             info = merge_shard(out, i, rows[i])
             if info is None:

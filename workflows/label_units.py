@@ -31,7 +31,7 @@ def finished_units(out: str, shard: int) -> list[tuple[int, int]]:
     return sorted(_unit_range(u) for u in storage.list_parquet(storage.join(out, UNITS, f"shard-{shard:05d}")))
 
 
-def _pick(ranges) -> list[tuple[int, int]]:
+def pick_units(ranges) -> list[tuple[int, int]]:
     """A non-overlapping subset of the non-empty unit ranges, greedily in (start, stop) order. Units of
     one run never overlap; units left by a run with another ``clips_per_task`` may, and only the picked
     ones count (the same choice when planning and when merging, since new units only fill the gaps)."""
@@ -48,7 +48,7 @@ def plan_units(n_rows: int, done: list[tuple[int, int]], per_task: int) -> list[
     its (empty) scores table is written by a scorer, with the scorer's columns."""
     if n_rows == 0:
         return [] if (0, 0) in done else [(0, 0)]
-    picked = _pick(done)
+    picked = pick_units(done)
     todo, pos = [], 0
     for a, b in picked + [(n_rows, n_rows)]:
         for s in range(pos, a, per_task):
@@ -91,7 +91,8 @@ def unit_size(clips_todo: int, per_task: int, batch_size: int, num_actors: int,
     return min(range(per_task, lo - 1, -1), key=lambda u: _makespan(sizes(u), num_actors))
 
 
-def _covers(picked: list[tuple[int, int]], n_rows: int) -> bool:
+def covers_rows(picked: list[tuple[int, int]], n_rows: int) -> bool:
+    """Whether the picked unit ranges, in order, tile rows ``[0, n_rows)`` with no gap."""
     pos = 0
     for a, b in picked:
         if a != pos:

@@ -547,8 +547,8 @@ def run_training(cfg: Config, *, force: bool = False, parent_run_id: str | None 
         "data_uri": uri, "data_digest": fp.inputs["data"]["digest"], "rows": rows, "per_epoch": per_epoch,
         "classes": classes, "targets": targets, "datasets": sorted(datasets), "export_uri": export_uri(cfg),
         "upstream_tags": _upstream_tags(cfg, parent_run_id),
-        "claim_id": claim["claim_id"],
-        "ckpt_root": storage.join(ray_results, ray_run),  # where this run's checkpoints land  # scopes the MLflow run this one may reopen (a resume: the same claim)
+        "claim_id": claim["claim_id"],  # scopes the MLflow run this one may reopen (a resume: the same claim)
+        "ckpt_root": storage.join(ray_results, ray_run),  # where this run's checkpoints land
     }
     trainer = TorchTrainer(
         train_worker,
