@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evatok.assignment import AssignmentSpace, RewardStats, best_assignment  # noqa: E402
 from workflows import storage  # noqa: E402
 from workflows.compare import interp  # noqa: E402  (the curve interpolation evaluate and compare use)
-from workflows.label import scores_to_arrays  # noqa: E402
+from workflows.relabel import scores_to_arrays  # noqa: E402
 from workflows.train.data import held_out, parquet_prefix  # noqa: E402
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evatok.assignment import AssignmentSpace, RewardStats, reward, reward_percentile  # noqa: E402
 from workflows import storage  # noqa: E402
 from workflows.clips import frames_from_table  # noqa: E402
-from workflows.label import scores_to_arrays  # noqa: E402
+from workflows.relabel import scores_to_arrays  # noqa: E402
 from workflows.train.data import held_out, parquet_prefix  # noqa: E402
 
 

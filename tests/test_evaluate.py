@@ -25,7 +25,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def micro_run(tmp_path_factory):
     """24 clips (each its own video), final.pt (trained 100 steps), router.pt, label/ (scores, stats and
     labels of the held-out clips at val_every=3 and 4 others: the label stage's scorer and relabel)."""
-    from workflows.label import Scorer, compute_stats, run_relabel
+    from workflows.label import Scorer
+    from workflows.relabel import compute_stats, run_relabel
     from workflows.train.data import held_out
 
     root = tmp_path_factory.mktemp("run")

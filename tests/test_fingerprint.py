@@ -189,7 +189,7 @@ def test_relabel_output_is_adopted_by_the_pipeline(tmp_path, monkeypatch):
     from conftest import REPO
     from train_fixtures import write_clips
     from workflows.cli import app
-    from workflows.label import _scores_table, compute_stats
+    from workflows.relabel import _scores_table, compute_stats
     from workflows.run import LabelStage, resolve
 
     monkeypatch.chdir(tmp_path)
@@ -206,7 +206,7 @@ def test_relabel_output_is_adopted_by_the_pipeline(tmp_path, monkeypatch):
     stage = LabelStage()
     plan = resolve(recipe, base)
     cfg = stage.config(plan)
-    from workflows.label import run_relabel
+    from workflows.relabel import run_relabel
 
     run_relabel(cfg, quiet=True)  # what the label stage wrote for the recipe's weights, with its record:
     fp = stage.fingerprint(cfg, plan)

@@ -27,8 +27,8 @@ from workflows import storage
 from workflows.clips import frames_from_table
 from workflows.config import load_config
 from workflows.ingest import run_ingest
-from workflows.label import (LabelError, Scorer, labels_uri, merge_shard, reward_rows, run_label, run_relabel,
-                             scores_to_arrays)
+from workflows.label import Scorer, merge_shard, run_label
+from workflows.relabel import LabelError, labels_uri, reward_rows, run_relabel, scores_to_arrays
 from workflows.label_units import finished_units, parquet_rows, plan_units, read_rows, unit_size
 
 MICRO = dict(size=32, counts=(1, 2, 4, 8, 16), enc_dim=32, enc_layers=1, enc_heads=2, dec_dim=32,
@@ -222,7 +222,7 @@ def test_label_survives_losing_the_node_that_runs_it(tmp_path, tiny_videos, monk
 
 def test_relabel_from_scores_alone(tmp_path):
     """No model, no Ray: scores/ + stats.json -> labels equal to evatok.assignment's argmax."""
-    from workflows.label import _scores_table, compute_stats
+    from workflows.relabel import _scores_table, compute_stats
 
     out = str(tmp_path / "L")
     with pytest.raises(LabelError, match="stats.json"):

@@ -211,7 +211,7 @@ def test_collate_random_window_and_flip():
 
 # ----------------------------------------------------------------------------- router validation
 def test_router_validation_keeps_only_held_out_rewards(tmp_path):
-    from workflows.label import _scores_table, compute_stats, run_relabel
+    from workflows.relabel import _scores_table, compute_stats, run_relabel
     from workflows.train.loop import val_rewards
 
     ids = [f"c{i}" for i in range(10)]
@@ -234,7 +234,7 @@ def test_router_validation_keeps_only_held_out_rewards(tmp_path):
 
 # ----------------------------------------------------------------------------- label statistics, naming
 def _scored_run(out: str, seed: int, metrics=("mse",), scale: float = 1.0):
-    from workflows.label import _scores_table
+    from workflows.relabel import _scores_table
 
     rng = np.random.default_rng(seed)
     tables = {m: (scale * rng.random((6, 625))).astype(np.float32) for m in metrics}
@@ -243,7 +243,7 @@ def _scored_run(out: str, seed: int, metrics=("mse",), scale: float = 1.0):
 
 
 def test_label_run_takes_frozen_stats_and_records_them(tmp_path):
-    from workflows.label import LabelError, read_stats, run_relabel, write_stats
+    from workflows.relabel import LabelError, read_stats, run_relabel, write_stats
 
     counts = (8, 16, 32, 64, 128)
     webvid, ucf, own = (str(tmp_path / n) for n in ("webvid", "ucf", "own"))
@@ -271,7 +271,7 @@ def test_label_run_takes_frozen_stats_and_records_them(tmp_path):
 
 
 def test_relabel_names_labels_by_the_metric_actually_used(tmp_path):
-    from workflows.label import compute_stats, labels_uri, run_relabel
+    from workflows.relabel import compute_stats, labels_uri, run_relabel
 
     out = str(tmp_path / "L")
     _scored_run(out, 0, metrics=("mse", "lpips_random_backbone"))

@@ -80,7 +80,8 @@ def test_ingest_and_label_give_up_after_the_configured_retries(crashing_ray, tmp
 
 def test_retry_limits_must_be_finite(tmp_path):
     from workflows.ingest import IngestError, run_ingest
-    from workflows.label import LabelError, run_label
+    from workflows.label import run_label
+    from workflows.relabel import LabelError
 
     with pytest.raises(IngestError, match="max_retries must be >= 0"):
         run_ingest(load_config(None, [f"ingest.source={tmp_path}", f"ingest.output={tmp_path / 'o'}",

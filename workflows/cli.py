@@ -192,7 +192,7 @@ def label(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = O
 @app.command()
 def relabel(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """New reward weights or metric -> new labels from scores/ alone (no model, no Ray)."""
-    from workflows.label import run_relabel
+    from workflows.relabel import run_relabel
 
     from workflows.run import LabelStage, resolve
 

@@ -393,7 +393,7 @@ def run_evaluate(cfg, run_id: str | None = None, quiet: bool = False) -> Evaluat
         protocol.update({"labels": storage.redact(ec.labels),
                          "labels_digest": digest(f"{u}:{s}:{e}" for u, s, e in storage.list_files(ec.labels, (".parquet",)))})
         if (storage.read_done(ec.labels) or {}).get("scores"):
-            from workflows.label import reward_rows
+            from workflows.relabel import reward_rows
 
             rr = reward_rows(ec.labels, set(ids))
             if all(i in rr for i in ids):

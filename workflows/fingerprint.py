@@ -347,7 +347,8 @@ def train_fingerprint(cfg) -> Fingerprint:
 
 def label_fingerprint(cfg) -> Fingerprint:
     """Scores and labels: the scoring settings, the reward settings, the clips and the proxy's bytes."""
-    from workflows.label import clips_prefix, labels_uri
+    from workflows.label import clips_prefix
+    from workflows.relabel import labels_uri
 
     lc = cfg.label
     conf = section(lc, "label", {"clips", "proxy", "output", "batch_size", "clips_per_task", "num_actors",

@@ -99,7 +99,7 @@ def resolve(recipe, overrides=(), target: str | None = None) -> Plan:
     ``target``: the one model a ``train MODEL`` command trains; ``train.output`` then names its file
     (as in ``evatok train proxy train.output=runs/tiny/proxy.pt``). For the whole pipeline it would
     name one file for all four models: per-model keys (``proxy.output=...``) say where each goes."""
-    from workflows.label import labels_uri
+    from workflows.relabel import labels_uri
 
     overrides = [o for o in (overrides or [])]
     base = absolute_uris(load_config(recipe, overrides))
@@ -288,7 +288,7 @@ class LabelStage(Stage):
     role_stage = {"clips": "ingest", "proxy": "proxy"}
 
     def place(self, cfg):
-        from workflows.label import labels_uri
+        from workflows.relabel import labels_uri
 
         return labels_uri(cfg.label)
 

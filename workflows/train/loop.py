@@ -363,7 +363,7 @@ def val_rewards(labels: str, table, held: set[str]):
         col = table.column("reward").take(pa.array(keep, pa.int64())).to_pylist()
         return {ids[i]: np.asarray(r, np.float32) for i, r in zip(keep, col)}
     if (storage.read_done(labels) or {}).get("scores"):  # a label-stage output: rewards from scores/
-        from workflows.label import reward_rows
+        from workflows.relabel import reward_rows
 
         return reward_rows(labels, clip_ids=held)
     return None
