@@ -193,6 +193,23 @@ def test_quantizer_entropy_on_a_token_subsample():
     assert torch.allclose(big(x, mask)[2]["entropy"], lf["entropy"])  # fewer tokens than n: all of them
 
 
+@pytest.mark.parametrize("rows", [1, 127, 128, 129, 1000])
+def test_nearest_code_search_in_row_blocks_equals_one_product(rows):
+    """``quantizer.nearest`` scores rows in blocks of ``NEAREST_ROWS``: the codes equal one full
+    ``z @ cb.t()`` argmax at any row count, also across block edges, for a 16,384-code book."""
+    from evatok.quantizer import NEAREST_ROWS, nearest
+
+    g = torch.Generator().manual_seed(rows)
+    z = F.normalize(torch.randn(rows, 8, generator=g), dim=-1)
+    cb = F.normalize(torch.randn(16384, 8, generator=g), dim=-1)
+    assert torch.equal(nearest(z, cb), (z @ cb.t()).argmax(-1))
+    assert torch.equal(nearest(z.reshape(1, rows, 8), cb), nearest(z, cb)[None])  # leading dims kept
+    if rows > NEAREST_ROWS:  # a row's code does not depend on the rows around it
+        assert torch.equal(nearest(z[NEAREST_ROWS - 1:], cb), nearest(z, cb)[NEAREST_ROWS - 1:])
+    zg = z.clone().requires_grad_(True)
+    assert not nearest(zg, cb).requires_grad
+
+
 def test_training_smoke_reconstruction_drops():
     """Tiny preset, plain AdamW, 4 fixed smooth clips, random assignments: the reconstruction MSE falls well
     below its start, and below the clips' own variance (so it learned more than each clip's mean colour)."""
