@@ -15,6 +15,22 @@ Losses (returned per call, averaged over the valid tokens only):
              codes); a uniform subsample is an unbiased estimate of the per-token term and a consistent one of
              the batch term. 0 = every token (the paper's behaviour, where a GPU makes it cheap).
 The straight-through estimator passes the decoder's gradient to the encoder: z + (q - z).detach().
+
+Dead-code restarts [I] (``restart_below`` > 0; off by default; not in the paper, which is silent on codebook
+upkeep): as in SoundStream and Jukebox, each code's usage is an exponential moving average (decay
+``USAGE_DECAY``) of its share of the batch's valid tokens, relative to the mean share (1.0 = used as often as
+the average code). In training, a code whose usage falls below ``restart_below`` is moved onto a random
+valid encoder output of the batch (plus 1% noise) and its usage reset to 1; the move is applied at the start
+of the next training forward, after the optimiser step, so the step's own backward sees the codebook it used.
+With the entropy loss on a subsample (``entropy_tokens``) a large codebook otherwise keeps codes that no
+token ever reaches. Measured on the tiny recipe's data (16,384 codes, restart_below 0.03, 600 steps):
+held-out PSNR at 128 tokens a block +0.4-0.8 dB over the same codebook without restarts
+(``docs/quality-cost.md``). Under ``torch.distributed`` the counts are summed over ranks and the moved codes
+come from rank 0's batch (broadcast), so every rank's codebook stays the same. The usage averages are saved
+with the model; a move still queued when a checkpoint is written is not (the code is found again later).
+The codebook is edited in place: an optimiser that keeps its own master copy of the weights (DeepSpeed
+ZeRO 1-3, mixed precision) would undo it, so the training workflow allows restarts with ZeRO 0 in float32
+only.
 """
 from __future__ import annotations
 
@@ -29,6 +45,7 @@ from evatok.layers import Linear
 #: (8 MB) stays in cache between the product and the argmax; the whole [1,600 x 16,384] matrix of a tiny
 #: training batch (105 MB) did not (measured, 2 threads: 44.5 -> 17.7 ms a batch; 64 rows 34.9, 256 rows 19.8)
 NEAREST_ROWS = 128
+USAGE_DECAY = 0.99  # dead-code restarts: decay of each code's usage average (~100 steps)
 
 
 def nearest(z: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
@@ -48,13 +65,18 @@ def nearest(z: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
 
 class VectorQuantizer(nn.Module):
     def __init__(self, in_dim: int, codebook_size: int = 1024, code_dim: int = 8, beta: float = 0.25,
-                 entropy_temperature: float = 0.01, entropy_tokens: int = 0):
+                 entropy_temperature: float = 0.01, entropy_tokens: int = 0, restart_below: float = 0.0):
         super().__init__()
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.beta, self.entropy_temperature, self.entropy_tokens = beta, entropy_temperature, entropy_tokens
+        self.restart_below = float(restart_below)
         self.proj = Linear(in_dim, code_dim)  # down to the lookup space
         self.embedding = nn.Embedding(codebook_size, code_dim)
         nn.init.normal_(self.embedding.weight)
+        self.restarts = 0  # codes moved so far (this process)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.restart_below > 0:  # saved with the model, so a resumed run continues the same averages
+            self.register_buffer("usage", torch.ones(codebook_size))
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.embedding.weight, dim=-1)
@@ -72,6 +94,8 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """``x [B, L, in_dim]``, ``mask [B, L]`` (True = real token) -> (q_st, codes, losses)."""
+        if self.training and self._pending is not None:
+            self._apply_restarts()
         z, codes, q = self.quantize(x)
         if mask is None:
             mask = torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
@@ -87,4 +111,41 @@ class VectorQuantizer(nn.Module):
         avg = p.mean(0)
         batch = -(avg * torch.log(avg.clamp_min(1e-12))).sum()
         q_st = z + (q - z).detach()
+        if self.training and self.restart_below > 0:
+            self._track_usage(z, codes, mask)
         return q_st, codes, {"codebook": cb_loss, "commit": self.beta * commit, "entropy": per_sample - batch}
+
+    # ------------------------------------------------------------------ dead-code restarts
+    @torch.no_grad()
+    def _track_usage(self, z: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor) -> None:
+        """Update the usage averages with this batch's codes; queue the codes that fell below
+        ``restart_below`` to move onto random valid encoder outputs (applied before the next forward)."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        valid = codes[mask]
+        counts = torch.bincount(valid, minlength=self.codebook_size).float()
+        n = torch.tensor([float(valid.numel())], device=counts.device)
+        if distributed:
+            dist.all_reduce(counts)
+            dist.all_reduce(n)
+        if n.item() == 0:
+            return
+        self.usage.mul_(USAGE_DECAY).add_(counts * ((1 - USAGE_DECAY) * self.codebook_size / n))
+        dead = torch.nonzero(self.usage < self.restart_below).flatten()
+        if dead.numel() == 0:
+            return
+        zv = z.detach()[mask]
+        pick = torch.randint(0, max(1, zv.shape[0]), (dead.numel(),), device=zv.device)
+        new = zv[pick] + 0.01 * torch.randn(dead.numel(), self.code_dim, device=zv.device, dtype=zv.dtype)
+        if distributed:  # every rank moves the same codes to rank 0's choice
+            dist.broadcast(new, src=0)
+        self.usage[dead] = 1.0
+        self._pending = (dead, new.to(self.embedding.weight.dtype))
+
+    @torch.no_grad()
+    def _apply_restarts(self) -> None:
+        dead, new = self._pending
+        self.embedding.weight[dead] = new
+        self.restarts += dead.numel()
+        self._pending = None

@@ -63,6 +63,7 @@ class TokenizerConfig:
     beta: float = 0.25
     entropy_temperature: float = 0.01
     entropy_tokens: int = 0  # 0: the entropy loss over every token; n: over n tokens drawn from the batch
+    restart_below: float = 0.0  # > 0: dead-code restarts below this usage (relative to the mean); see quantizer
     align_layer: int = 1
     query_init: str = "finest"  # decoder 3D queries from: "finest" | "cells" | "first" (paper); see _seed
 
@@ -152,7 +153,7 @@ class AdaptiveTokenizer(nn.Module):
         self.encoder = nn.ModuleList(QFormerLayer(c.enc_dim, c.enc_heads, c.mlp_ratio) for _ in range(c.enc_layers))
         self.enc_norm = nn.LayerNorm(c.enc_dim)
         self.quantizer = VectorQuantizer(c.enc_dim, c.codebook_size, c.code_dim, c.beta, c.entropy_temperature,
-                                         c.entropy_tokens)
+                                         c.entropy_tokens, c.restart_below)
         self.post_quant = Linear(c.code_dim, c.dec_dim)
         self.token_pos = nn.Parameter(torch.zeros(c.kmax, c.dec_dim))
         self.dec_block = nn.Parameter(torch.zeros(nb, c.dec_dim))

@@ -210,6 +210,74 @@ def test_nearest_code_search_in_row_blocks_equals_one_product(rows):
     assert not nearest(zg, cb).requires_grad
 
 
+def _restart_quantizer(restart_below: float, seed: int = 0) -> VectorQuantizer:
+    torch.manual_seed(seed)
+    return VectorQuantizer(16, codebook_size=64, code_dim=8, restart_below=restart_below).train()
+
+
+def test_dead_codes_move_onto_encoder_outputs_after_the_step():
+    """Restarts: inputs that reach only a few codes leave the others unused; their usage average falls
+    below ``restart_below`` and they move onto the batch's encoder outputs, before the next forward only
+    (the step that chose them computes its losses with the codebook it used). Off (0) nothing moves."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 16, generator=g) * 0.1 + 1.0 for _ in range(60)]  # one tight cluster of inputs
+    on, off = _restart_quantizer(0.7), _restart_quantizer(0.0)
+    assert not hasattr(off, "usage") and "usage" in on.state_dict()  # saved with the model when on
+    start = on.embedding.weight.detach().clone()
+    moved_at = None
+    for i, x in enumerate(xs):
+        queued, before = on._pending is not None, on.embedding.weight.detach().clone()
+        on(x)
+        off(x)
+        # a forward that finds no queued move leaves the codebook as it was, also when it queues one
+        assert queued or torch.equal(on.embedding.weight, before)
+        if on._pending is not None and moved_at is None:
+            moved_at, (dead, new) = i, on._pending
+    assert moved_at is not None, "no code fell below restart_below"
+    assert on.restarts >= len(dead) > 0
+    w = on.embedding.weight.detach()
+    z = F.normalize(on.proj(xs[moved_at]), dim=-1).detach().reshape(-1, 8)
+    # every moved code sits on one of that batch's encoder outputs (1% noise), and is now reachable
+    assert (torch.cdist(w[dead], z).min(-1).values < 0.1).all()
+    assert not torch.allclose(w[dead], start[dead])
+    assert torch.equal(off.embedding.weight, _restart_quantizer(0.0).embedding.weight)  # off: nothing moved
+    assert off.restarts == 0
+    on.eval()
+    on(xs[0])  # eval forwards neither count usage nor move codes
+    assert on._pending is None or on.restarts >= len(dead)
+
+
+def _restart_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    vq = _restart_quantizer(0.7)  # the same initial codebook on every rank
+    g = torch.Generator().manual_seed(100 + rank)  # but each rank its own batches
+    for _ in range(60):
+        vq(torch.randn(2, 3, 16, generator=g) * 0.1 + 1.0 + rank)
+    vq(torch.randn(2, 3, 16, generator=g))  # applies the last pending move
+    torch.save({"w": vq.embedding.weight.detach(), "usage": vq.usage, "restarts": vq.restarts}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_restarts_keep_every_rank_codebook_equal(tmp_path):
+    """Under torch.distributed the usage counts are summed and the moved codes broadcast from rank 0:
+    two ranks with different batches end with the same codebook (without the broadcast they differ)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_restart_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert a["restarts"] == b["restarts"] > 0
+    assert torch.equal(a["usage"], b["usage"])
+    assert torch.equal(a["w"], b["w"])
+
+
 def test_training_smoke_reconstruction_drops():
     """Tiny preset, plain AdamW, 4 fixed smooth clips, random assignments: the reconstruction MSE falls well
     below its start, and below the clips' own variance (so it learned more than each clip's mean colour)."""

@@ -62,3 +62,8 @@ def test_default_uri_is_sqlite_in_work_dir(tmp_path, monkeypatch):
     assert resolve_tracking_uri(None, str(tmp_path / "w")) == f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
     assert resolve_tracking_uri("http://x:5000", str(tmp_path)) == "http://x:5000"
     assert safe_params({"a.password": "p", "b": None}) == {"b": ""}
+    # secret-looking by word: a model URI or a count of tokens is a parameter, a token is not
+    flat = {"train.tokenizer": "runs/final.pt", "train.entropy_tokens": 256, "tokenize.clips": "x",
+            "x.hf_token": "t", "s3.aws_secret_access_key": "k", "y.access_key": "k", "z.api-key": "k",
+            "db.Password": "p", "c.credentials": "c", "m.max_tokens": 9}
+    assert sorted(safe_params(flat)) == ["m.max_tokens", "tokenize.clips", "train.entropy_tokens", "train.tokenizer"]

@@ -191,6 +191,24 @@ def test_proxy_draws_mixed_random_assignments(batch):
     assert len(idx.unique()) > 20  # mixed within and across batches
 
 
+def test_codebook_restarts_only_where_the_codebook_can_be_edited_in_place():
+    """train.codebook_restart / train.entropy_tokens reach the tokenizer's config; restarts are refused
+    under an optimiser with its own master weights (ZeRO > 0, mixed precision), which would undo them."""
+    from workflows.train.recipes import make_recipe
+
+    cfg = load_config(None, ["train.model=proxy", "train.codebook_size=4096", "train.entropy_tokens=256",
+                             "train.codebook_restart=0.03"])
+    recipe = make_recipe(cfg, torch.device("cpu"))
+    c = recipe.tok_cfg
+    assert (c.codebook_size, c.entropy_tokens, c.restart_below) == (4096, 256, 0.03)
+    assert recipe.build().tokenizer.quantizer.restart_below == 0.03
+    assert make_recipe(load_config(None, ["train.model=proxy"]), torch.device("cpu")).tok_cfg.restart_below == 0
+    for bad in (["train.deepspeed.zero_stage=2"], ["train.deepspeed.precision=bf16"]):
+        with pytest.raises(ValueError, match="codebook_restart"):
+            make_recipe(load_config(None, ["train.model=proxy", "train.codebook_restart=0.03", *bad]),
+                        torch.device("cpu"))
+
+
 def test_router_evaluate_reports_top_k_and_percentile():
     from workflows.train.recipes import RouterRecipe
 

@@ -124,6 +124,10 @@ class TrainConfig:
     disc_start: int = 0         # step at which the adversarial loss starts; <0 disables the GAN
     disc_lr: float = 3e-5       # discriminator AdamW lr (LARP), constant after train.warmup_steps
     codebook_size: int | None = None  # tokenizers: overrides the preset's codebook (8192 for UCF+K600 [P])
+    entropy_tokens: int | None = None  # tokenizers: the entropy loss on this many sampled tokens (None: the
+                                # preset's; 0: every token). 256 keeps a 16,384-code book affordable on a CPU
+    codebook_restart: float = 0.0  # tokenizers: dead-code restarts below this usage relative to the mean
+                                # code (0.03 measured; 0 = off; ZeRO 0 in fp32 only; docs/quality-cost.md)
     hflip: bool = False         # augmentation: random horizontal flip of each training clip
     random_window: bool = False  # augmentation: clips stored longer than data.clip_len give a random
                                 # data.clip_len-frame window per sample (else the centre window)

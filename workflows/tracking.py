@@ -30,7 +30,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 3
-_SECRET_KEY = re.compile(r"(?i)(secret|password|token|credential|access_key)")
+# Secret-looking config keys, word by word ("hf_token", "aws_secret_access_key", "db.password"), so that
+# "entropy_tokens" or "train.tokenizer" (a model's URI: lineage) are not mistaken for one.
+_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "token", "credential", "credentials", "apikey"}
+_SECRET_PAIRS = {("access", "key"), ("api", "key"), ("private", "key")}
+
+
+def _secret_key(key) -> bool:
+    words = [w for w in re.split(r"[^a-z0-9]+", str(key).lower()) if w]
+    return bool(_SECRET_WORDS.intersection(words)) or any(p in _SECRET_PAIRS for p in zip(words, words[1:]))
+
+
 _PARAM_MAX = 6000  # MLflow 3's param value limit
 # A dead server must cost seconds, not MLflow's default minutes of retries. setdefault: a user's
 # explicit settings win.
@@ -98,7 +108,7 @@ def safe_params(flat: dict[str, Any]) -> dict[str, str]:
 
     out = {}
     for k, v in flat.items():
-        if _SECRET_KEY.search(k):
+        if _secret_key(k):
             continue
         out[k] = storage.redact("" if v is None else v)[:_PARAM_MAX]
     return out
@@ -267,7 +277,7 @@ def redacted_config(tree: dict) -> dict:
 
     out: dict = {}
     for k, v in tree.items():
-        if _SECRET_KEY.search(str(k)):
+        if _secret_key(k):
             continue
         if isinstance(v, dict):
             out[k] = redacted_config(v)

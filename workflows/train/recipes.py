@@ -142,8 +142,18 @@ class TokenizerRecipe(Recipe):
         from evatok import losses, tokenizer
 
         base = tokenizer.PRESETS[self.t.preset]()
-        self.tok_cfg = dataclasses.replace(base, frames=cfg.data.clip_len, size=cfg.data.size,
-                                           codebook_size=self.t.codebook_size or base.codebook_size)
+        ds = self.t.deepspeed
+        if self.t.codebook_restart > 0 and (ds.zero_stage != 0 or ds.precision != "fp32"):
+            raise ValueError(f"train.codebook_restart={self.t.codebook_restart:g} edits the codebook in place, which "
+                             f"an optimiser with its own master weights undoes: it needs train.deepspeed.zero_stage=0 "
+                             f"and precision=fp32 (have {ds.zero_stage}, {ds.precision})")
+        if self.t.codebook_restart < 0 or (self.t.entropy_tokens is not None and self.t.entropy_tokens < 0):
+            raise ValueError("train.codebook_restart and train.entropy_tokens must be >= 0")
+        self.tok_cfg = dataclasses.replace(
+            base, frames=cfg.data.clip_len, size=cfg.data.size,
+            codebook_size=self.t.codebook_size or base.codebook_size,
+            entropy_tokens=base.entropy_tokens if self.t.entropy_tokens is None else self.t.entropy_tokens,
+            restart_below=self.t.codebook_restart)
         self.space = AssignmentSpace(self.tok_cfg.counts, self.tok_cfg.num_blocks)
         self.loss_cfg = losses.LossConfig(
             disc_start=self.t.disc_start, disc="paper" if self.t.preset.startswith("paper") else "tiny",
@@ -190,6 +200,9 @@ class TokenizerRecipe(Recipe):
         loss, logs = obj(inputs["video"], out, step, disc=disc.disc if disc is not None else None,
                          semantic_disc=disc.semantic if disc is not None else None,
                          aligner=mod.aligner, lpips=self.lpips)
+        vq = mod.tokenizer.quantizer
+        if vq.restart_below > 0:
+            logs["codebook_restarts"] = float(vq.restarts)  # codes moved so far by this worker
         return loss, logs, {"recon": out.recon}
 
     def disc_loss(self, disc, inputs, aux, step):
