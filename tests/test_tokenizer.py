@@ -232,7 +232,7 @@ def test_dead_codes_move_onto_encoder_outputs_after_the_step():
         # a forward that finds no queued move leaves the codebook as it was, also when it queues one
         assert queued or torch.equal(on.embedding.weight, before)
         if on._pending is not None and moved_at is None:
-            moved_at, (dead, new) = i, on._pending
+            moved_at, dead = i, on._pending[0]
     assert moved_at is not None, "no code fell below restart_below"
     assert on.restarts >= len(dead) > 0
     w = on.embedding.weight.detach()
