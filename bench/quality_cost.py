@@ -9,6 +9,8 @@ Two ways to use it (project venv, from the repo root):
     # train tiny tokenizers here with a plain loop (the proxy recipe's loss: L1 + VQ + 0.02 entropy,
     # uniformly random assignments, AdamW, warm-up + cosine), one per decoder query initialisation
     python bench/quality_cost.py --clips runs/tiny/data --train 1200 --query-init finest,first
+    # the paper's codebook size with dead-code restarts, trained longer (docs/quality-cost.md)
+    python bench/quality_cost.py --clips runs/tiny/data --train 3000 --codebook 16384 --entropy-tokens 256 --restart 0.03
 
     # what the tokenizer's bits allow: per-patch k-means codes with the same bits a patch
     python bench/quality_cost.py --clips runs/tiny/data --bound
@@ -53,9 +55,10 @@ def load_split(uri: str, every: int):
     return x[~mask], x[mask]
 
 
-def train(tr: torch.Tensor, steps: int, lr: float, batch: int, query_init: str, seed: int = 0) -> AdaptiveTokenizer:
+def train(tr: torch.Tensor, steps: int, lr: float, batch: int, query_init: str, seed: int = 0,
+          **quantizer) -> AdaptiveTokenizer:
     torch.manual_seed(seed)
-    model = AdaptiveTokenizer(dataclasses.replace(PRESETS["tiny"](), query_init=query_init))
+    model = AdaptiveTokenizer(dataclasses.replace(PRESETS["tiny"](), query_init=query_init, **quantizer))
     t0 = time.perf_counter()
     log = lambda s, loss: print(f"  [{query_init}] step {s}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)",  # noqa: E731
                                 flush=True)
@@ -121,6 +124,10 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bound", action="store_true", help="per-patch k-means codes with the same bits (see above)")
+    ap.add_argument("--codebook", type=int, default=0, help="--train: codebook size (0: the preset's 1,024)")
+    ap.add_argument("--entropy-tokens", type=int, default=0, help="--train: entropy loss on this many sampled tokens")
+    ap.add_argument("--restart", type=float, default=0.0, help="--train: dead-code restarts below this usage")
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tr, val = load_split(a.clips, a.val_every)
@@ -143,9 +150,11 @@ def main() -> None:
               f"{base['mean_colour']['psnr'] + 4:.2f} dB)")
     for qi in (a.query_init.split(",") if a.train else []):
         t0 = time.perf_counter()
-        model = train(tr, a.train, a.lr, a.batch, qi)
-        report(f"trained here: query_init={qi}, {a.train} steps, lr {a.lr}, batch {a.batch} "
-               f"({time.perf_counter() - t0:.0f} s)", uniform_curve(model, val), base)
+        vq = dict(codebook_size=a.codebook or PRESETS["tiny"]().codebook_size, entropy_tokens=a.entropy_tokens,
+                  restart_below=a.restart)
+        model = train(tr, a.train, a.lr, a.batch, qi, a.seed, **vq)
+        report(f"trained here: query_init={qi}, {a.train} steps, lr {a.lr}, batch {a.batch}, seed {a.seed}, "
+               f"{vq} ({time.perf_counter() - t0:.0f} s)", uniform_curve(model, val), base)
 
 
 if __name__ == "__main__":
