@@ -9,8 +9,8 @@ Two ways to use it (project venv, from the repo root):
     # train tiny tokenizers here with a plain loop (the proxy recipe's loss: L1 + VQ + 0.02 entropy,
     # uniformly random assignments, AdamW, warm-up + cosine), one per decoder query initialisation
     python bench/quality_cost.py --clips runs/tiny/data --train 1200 --query-init finest,first
-    # the paper's codebook size with dead-code restarts, trained longer (docs/quality-cost.md)
-    python bench/quality_cost.py --clips runs/tiny/data --train 3000 --codebook 16384 --entropy-tokens 256 --restart 0.03
+    # the paper's codebook size, trained longer (docs/quality-cost.md; --restart 0.03 adds dead-code restarts)
+    python bench/quality_cost.py --clips runs/tiny/data --train 3000 --codebook 16384 --entropy-tokens 256
 
     # what the tokenizer's bits allow: per-patch k-means codes with the same bits a patch
     python bench/quality_cost.py --clips runs/tiny/data --bound

@@ -24,8 +24,9 @@ valid encoder output of the batch (plus 1% noise) and its usage reset to 1; the 
 of the next training forward, after the optimiser step, so the step's own backward sees the codebook it used.
 With the entropy loss on a subsample (``entropy_tokens``) a large codebook otherwise keeps codes that no
 token ever reaches. Measured on the tiny recipe's data (16,384 codes, 256 entropy tokens, restart_below
-0.03, ``docs/quality-cost.md``): held-out PSNR from 8 to 128 tokens a block +4.18 dB at 3,000 steps
-against +3.05 with the preset's 1,024 codes; at 600 steps within run-to-run noise of no restarts. Under ``torch.distributed`` the counts are summed over ranks and the moved codes
+0.03, ``docs/quality-cost.md``), restarts make no difference beyond run-to-run noise: held-out PSNR from
+8 to 128 tokens a block +4.18 dB at 3,000 steps against +4.24 without them (+3.05 with 1,024 codes), and
++2.27 to +3.08 against +2.38 at 600 steps. Kept as an option for codebooks that collapse. Under ``torch.distributed`` the counts are summed over ranks and the moved codes
 come from rank 0's batch (broadcast), so every rank's codebook stays the same. The usage averages are saved
 with the model; a move still queued when a checkpoint is written is not (the code is found again later).
 The codebook is edited in place: an optimiser that keeps its own master copy of the weights (DeepSpeed

@@ -127,7 +127,8 @@ class TrainConfig:
     entropy_tokens: int | None = None  # tokenizers: the entropy loss on this many sampled tokens (None: the
                                 # preset's; 0: every token). 256 keeps a 16,384-code book affordable on a CPU
     codebook_restart: float = 0.0  # tokenizers: dead-code restarts below this usage relative to the mean
-                                # code (0.03 measured; 0 = off; ZeRO 0 in fp32 only; docs/quality-cost.md)
+                                # code (0 = off; ZeRO 0 in fp32 only; no measured gain on the tiny data,
+                                # docs/quality-cost.md)
     hflip: bool = False         # augmentation: random horizontal flip of each training clip
     random_window: bool = False  # augmentation: clips stored longer than data.clip_len give a random
                                 # data.clip_len-frame window per sample (else the centre window)
