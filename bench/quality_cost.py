@@ -148,10 +148,10 @@ def main() -> None:
             print(f"  {name:<28} {db:6.2f} dB")
         print(f"  (mean colour {base['mean_colour']['psnr']:.2f} dB; 4 dB above it: "
               f"{base['mean_colour']['psnr'] + 4:.2f} dB)")
+    vq = dict(codebook_size=a.codebook or PRESETS["tiny"]().codebook_size, entropy_tokens=a.entropy_tokens,
+              restart_below=a.restart)
     for qi in (a.query_init.split(",") if a.train else []):
         t0 = time.perf_counter()
-        vq = dict(codebook_size=a.codebook or PRESETS["tiny"]().codebook_size, entropy_tokens=a.entropy_tokens,
-                  restart_below=a.restart)
         model = train(tr, a.train, a.lr, a.batch, qi, a.seed, **vq)
         report(f"trained here: query_init={qi}, {a.train} steps, lr {a.lr}, batch {a.batch}, seed {a.seed}, "
                f"{vq} ({time.perf_counter() - t0:.0f} s)", uniform_curve(model, val), base)

@@ -26,9 +26,10 @@ With the entropy loss on a subsample (``entropy_tokens``) a large codebook other
 token ever reaches. Measured on the tiny recipe's data (16,384 codes, 256 entropy tokens, restart_below
 0.03, ``docs/quality-cost.md``), restarts make no difference beyond run-to-run noise: held-out PSNR from
 8 to 128 tokens a block +4.18 dB at 3,000 steps against +4.24 without them (+3.05 with 1,024 codes), and
-+2.27 to +3.08 against +2.38 at 600 steps. Kept as an option for codebooks that collapse. Under ``torch.distributed`` the counts are summed over ranks and the moved codes
-come from rank 0's batch (broadcast), so every rank's codebook stays the same. The usage averages are saved
-with the model; a move still queued when a checkpoint is written is not (the code is found again later).
++2.27 to +3.08 against +2.38 at 600 steps. Kept as an option for codebooks that collapse. Under
+``torch.distributed`` the counts are summed over ranks and the moved codes come from rank 0's batch
+(broadcast), so every rank's codebook stays the same. The usage averages are saved with the model; a move
+still queued when a checkpoint is written is not (the code is found again later).
 The codebook is edited in place: an optimiser that keeps its own master copy of the weights (DeepSpeed
 ZeRO 1-3, mixed precision) would undo it, so the training workflow allows restarts with ZeRO 0 in float32
 only.
@@ -56,8 +57,6 @@ def nearest(z: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     checked in ``tests/test_tokenizer.py``), so the codes are too."""
     with torch.no_grad():
         flat, cbt = z.detach().reshape(-1, z.shape[-1]), cb.detach().t()
-        if flat.shape[0] <= NEAREST_ROWS:
-            return (flat @ cbt).argmax(-1).reshape(z.shape[:-1])
         out = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
         for i in range(0, flat.shape[0], NEAREST_ROWS):
             torch.argmax(flat[i:i + NEAREST_ROWS] @ cbt, -1, out=out[i:i + NEAREST_ROWS])
