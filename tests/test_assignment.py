@@ -26,6 +26,25 @@ def test_space_order_roundtrip_and_totals():
     assert (kids[:, :3] == torch.tensor([16, 64, 8])).all() and kids[:, 3].tolist() == [8, 16, 32, 64, 128]
 
 
+def test_training_samples_share_a_total_and_each_row_is_uniform_over_the_space():
+    """``AssignmentSpace.sample``: the rows of a batch have one total (no padding), yet each row, across
+    batches, is uniform over all 625 assignments (chi-square over 62,500 draws: 624 degrees of freedom,
+    bound at ~5 sigma), the rows of a batch are not all the same, and a seeded generator repeats."""
+    sp = AssignmentSpace()
+    g = torch.Generator().manual_seed(0)
+    batches = [sp.sample(8, g) for _ in range(62_500 // 4)]
+    assert all(len(set(b.sum(1).tolist())) == 1 for b in batches)
+    assert sum(len({tuple(r) for r in b.tolist()}) > 1 for b in batches) > 0.8 * len(batches)
+    for row in (0, 5):
+        freq = torch.bincount(sp.index(torch.stack([b[row] for b in batches])), minlength=625).double()
+        expect = freq.sum() / 625
+        chi2 = float(((freq - expect) ** 2 / expect).sum())
+        assert chi2 < 624 + 5 * math.sqrt(2 * 624), chi2
+    assert torch.equal(sp.sample(8, torch.Generator().manual_seed(3)), sp.sample(8, torch.Generator().manual_seed(3)))
+    iid = sp.sample(4096, torch.Generator().manual_seed(1), equal_total=False)
+    assert len(set(iid.sum(1).tolist())) > 20 and sp.index(iid).unique().numel() > 600
+
+
 def test_space_errors():
     sp = AssignmentSpace((32, 64, 128, 256, 512))
     with pytest.raises(ValueError, match="not among the candidates"):

@@ -3,8 +3,6 @@ DeepSpeed config checks, every recipe's batch -> loss (falls on a fixed batch), 
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
 import random
 from pathlib import Path
 
@@ -187,8 +185,13 @@ def test_proxy_draws_mixed_random_assignments(batch):
 
     cfg = load_config(None, ["train.model=proxy"])
     recipe = make_recipe(cfg, torch.device("cpu"))
-    idx = torch.stack([recipe.space.index(recipe.assignments(batch[0]["video"])) for _ in range(20)])
+    draws = [recipe.assignments(batch[0]["video"]) for _ in range(20)]
+    idx = torch.stack([recipe.space.index(d) for d in draws])
     assert len(idx.unique()) > 20  # mixed within and across batches
+    assert all(len(d.sum(1).unique()) == 1 for d in draws)  # train.equal_total_batches: no padding
+    off = make_recipe(load_config(None, ["train.model=proxy", "train.equal_total_batches=false"]), torch.device("cpu"))
+    totals = [len(off.assignments(batch[0]["video"]).sum(1).unique()) for _ in range(20)]
+    assert max(totals) > 1
 
 
 def test_codebook_restarts_only_where_the_codebook_can_be_edited_in_place():

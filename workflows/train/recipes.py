@@ -4,8 +4,9 @@ A recipe builds the trainable module (and the discriminator, for tokenizers), tu
 into model inputs (``prepare``), and gives the loss. The loop owns engines, optimizers, schedules,
 checkpoints and logging.
 
-- ``proxy``: the adaptive tokenizer on one uniformly random assignment per sample (mixed in a batch),
-  drawn from the recipe's own generator (checkpointed per rank).
+- ``proxy``: the adaptive tokenizer on one uniformly random assignment per sample, drawn from the
+  recipe's own generator (checkpointed per rank); by default the samples of a rank's batch share their
+  total length (``AssignmentSpace.sample``, ``train.equal_total_batches``), so no batch computes padding.
 - ``router``: 625-way cross-entropy on curated labels; top-1/top-5 and reward percentile on held out clips.
 - ``final``: the tokenizer trained from scratch on the assignments of a frozen router.
 - ``ar``: sequences built from the final tokenizer's codes: read from a codes dataset (``evatok tokenize``,
@@ -250,8 +251,7 @@ class TokenizerRecipe(Recipe):
 
 class ProxyRecipe(TokenizerRecipe):
     def assignments(self, video):
-        idx = torch.randint(self.space.size, (video.shape[0],), generator=self.generator)
-        return self.space.table[idx]
+        return self.space.sample(video.shape[0], self.generator, equal_total=self.t.equal_total_batches)
 
 
 class FinalRecipe(TokenizerRecipe):
