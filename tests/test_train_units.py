@@ -53,6 +53,20 @@ def test_rng_state_round_trips_through_weights_only_file(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random(), torch.randint(625, (4,), generator=g))
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2] == again[2] and torch.equal(first[3], again[3])
+    # a recipe's two generators (its own, the one ranks share) round-trip in order; a file written with
+    # one generator (before recipes had two) restores the first and leaves the second as it is
+    g2 = torch.Generator().manual_seed(4)
+    torch.save(ckpt.rng_state([g, g2]), tmp_path / "rng2.pt")
+    want = (torch.rand(2, generator=g), torch.rand(2, generator=g2))
+    g.manual_seed(0); g2.manual_seed(0)
+    ckpt.set_rng_state(torch.load(tmp_path / "rng2.pt", weights_only=True), [g, g2])
+    assert torch.equal(torch.rand(2, generator=g), want[0]) and torch.equal(torch.rand(2, generator=g2), want[1])
+    old = torch.load(tmp_path / "rng.pt", weights_only=True)
+    del old["generators"]
+    g.manual_seed(99); g2.manual_seed(5)
+    ckpt.set_rng_state(old, [g, g2])
+    assert torch.equal(torch.randint(625, (4,), generator=g), first[3])
+    assert torch.equal(torch.rand(2, generator=g2), torch.rand(2, generator=torch.Generator().manual_seed(5)))
 
 
 def test_loop_state_json():
@@ -189,6 +203,12 @@ def test_proxy_draws_mixed_random_assignments(batch):
     idx = torch.stack([recipe.space.index(d) for d in draws])
     assert len(idx.unique()) > 20  # mixed within and across batches
     assert all(len(d.sum(1).unique()) == 1 for d in draws)  # train.equal_total_batches: no padding
+    # two data-parallel ranks (own generators seeded per rank, as the loop does) agree on each step's
+    # total, so neither waits for a longer batch, and still permute differently
+    ranks = [make_recipe(cfg, torch.device("cpu"), generator=torch.Generator().manual_seed(r)) for r in (0, 1)]
+    steps = [[rk.assignments(batch[0]["video"]) for rk in ranks] for _ in range(20)]
+    assert all(len(torch.cat(step).sum(1).unique()) == 1 for step in steps)
+    assert any(not torch.equal(a, b) for a, b in steps)
     off = make_recipe(load_config(None, ["train.model=proxy", "train.equal_total_batches=false"]), torch.device("cpu"))
     totals = [len(off.assignments(batch[0]["video"]).sum(1).unique()) for _ in range(20)]
     assert max(totals) > 1

@@ -5,8 +5,9 @@ One Ray checkpoint directory (every rank writes into its own temp dir, Ray merge
 - ``model/``: ``engine.save_checkpoint(tag="model")``: module, optimizer and LR-scheduler state
   (ZeRO shards ``zero_pp_rank_<r>_...`` from every rank).
 - ``disc/``: the same for the discriminator's own engine (tokenizer recipes with a GAN).
-- ``rng_rank<r>.pt``: each rank's RNG states (torch, numpy, python, the recipe's generator):
-  every rank draws different random assignments, so every rank restores its own stream.
+- ``rng_rank<r>.pt``: each rank's RNG states (torch, numpy, python, the recipe's generators: its own,
+  with which every rank draws different random assignments, and the one every rank shares), so every
+  rank restores its own streams.
 - ``loop_state.json`` (rank 0): step, data position (epoch, micro-batch within the epoch), samples
   seen and the MLflow run id, so a restart continues mid-epoch in the same MLflow run.
 - ``files_rank<r>.json``: every file rank r wrote, with its size: a checkpoint on storage is complete
@@ -49,6 +50,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -88,7 +90,18 @@ class LoopState:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-def rng_state(generator: torch.Generator | None = None) -> dict:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _generators(generator) -> list[torch.Generator]:
+    """One generator, a sequence of them (a recipe's own: ``Recipe.generators``) or None -> a list."""
+    if generator is None:
+        return []
+    return [generator] if isinstance(generator, torch.Generator) else list(generator)
+
+
+def rng_state(generator: Generators = None) -> dict:
+    gens = _generators(generator)
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     py = random.getstate()
     return {
@@ -96,19 +109,23 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
         "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
         "numpy_rest": [int(pos), int(has_gauss), float(cached)],
         "python": [py[0], list(py[1]), py[2]],
-        "generator": generator.get_state() if generator is not None else torch.empty(0, dtype=torch.uint8),
+        "generator": gens[0].get_state() if gens else torch.empty(0, dtype=torch.uint8),
+        "generators": [g.get_state() for g in gens],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
-def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+def set_rng_state(state: dict, generator: Generators = None) -> None:
+    """Restore what ``rng_state`` saved; the generators in the order given there (a file written with
+    only the first one, before recipes had more, restores that one and leaves the others as seeded)."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss, cached = state["numpy_rest"]
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
-    if generator is not None and state["generator"].numel():
-        generator.set_state(state["generator"])
+    saved = state.get("generators") or ([state["generator"]] if state["generator"].numel() else [])
+    for g, st in zip(_generators(generator), saved):
+        g.set_state(st)
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -163,7 +180,7 @@ def weights_only_loading(engine):
 
 
 def save(directory: str | Path, rank: int, state: LoopState, engine, disc_engine=None,
-         generator: torch.Generator | None = None) -> None:
+         generator: Generators = None) -> None:
     """Collective (every rank): DeepSpeed saves with barriers inside."""
     d = Path(directory)
     engine.save_checkpoint(str(d), tag=MODEL_TAG, client_state={"step": state.step})
@@ -231,7 +248,7 @@ def state_of(directory: str | Path) -> LoopState | None:
 
 
 def load(directory: str | Path, rank: int, engine, disc_engine=None,
-         generator: torch.Generator | None = None) -> LoopState:
+         generator: Generators = None) -> LoopState:
     """Collective: restore module/optimizer/scheduler (both engines), this rank's RNG, and the loop state."""
     d = Path(directory)
     if not (d / STATE_FILE).exists():

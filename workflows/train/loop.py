@@ -172,7 +172,7 @@ def train_worker(config: dict) -> dict:
         if on_storage is not None and on_storage[1] > ray_step:
             d = ckpt.download(on_storage[0], stack.enter_context(tempfile.TemporaryDirectory()))
         if d is not None:
-            state = ckpt.load(d, rank, engine, d_engine, gen)
+            state = ckpt.load(d, rank, engine, d_engine, recipe.generators())
     resumed = d is not None or None
 
     tracker = Tracker(worker_uri(config["tracking_uri"], config.get("tracking_env")), cfg.mlflow.experiment,
@@ -208,7 +208,7 @@ def train_worker(config: dict) -> dict:
         nonlocal ckpt_s
         c0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt.save(tmp, rank, state, engine, d_engine, gen)
+            ckpt.save(tmp, rank, state, engine, d_engine, recipe.generators())
             ray.train.report({**step_metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(tmp))
         if state.step > s0 + 1:
             ckpt_s += time.perf_counter() - c0

@@ -5,8 +5,9 @@ into model inputs (``prepare``), and gives the loss. The loop owns engines, opti
 checkpoints and logging.
 
 - ``proxy``: the adaptive tokenizer on one uniformly random assignment per sample, drawn from the
-  recipe's own generator (checkpointed per rank); by default the samples of a rank's batch share their
-  total length (``AssignmentSpace.sample``, ``train.equal_total_batches``), so no batch computes padding.
+  recipe's generators (checkpointed per rank); by default the samples of a step, on every rank, share
+  their total length (``AssignmentSpace.sample``, ``train.equal_total_batches``): no batch computes
+  padding, and no rank waits for another with a longer batch.
 - ``router``: 625-way cross-entropy on curated labels; top-1/top-5 and reward percentile on held out clips.
 - ``final``: the tokenizer trained from scratch on the assignments of a frozen router.
 - ``ar``: sequences built from the final tokenizer's codes: read from a codes dataset (``evatok tokenize``,
@@ -90,6 +91,13 @@ class Recipe:
     def __init__(self, cfg: Config, device, dtype=torch.float32, generator: torch.Generator | None = None):
         self.cfg, self.t, self.device, self.dtype = cfg, cfg.train, device, dtype
         self.generator = generator or torch.Generator().manual_seed(cfg.train.seed)
+        # the same stream on every rank (same seed, one draw a micro-batch on each): what the ranks of a
+        # data-parallel step must agree on, e.g. the proxy's total token count of a step
+        self.shared_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + 999)
+
+    def generators(self) -> list[torch.Generator]:
+        """The recipe's random streams, checkpointed per rank: its own and the shared one."""
+        return [self.generator, self.shared_generator]
 
     def video(self, batch) -> torch.Tensor:
         return batch["video"].to(self.device, self.dtype)
@@ -251,7 +259,8 @@ class TokenizerRecipe(Recipe):
 
 class ProxyRecipe(TokenizerRecipe):
     def assignments(self, video):
-        return self.space.sample(video.shape[0], self.generator, equal_total=self.t.equal_total_batches)
+        return self.space.sample(video.shape[0], self.generator, equal_total=self.t.equal_total_batches,
+                                 shared=self.shared_generator)
 
 
 class FinalRecipe(TokenizerRecipe):
