@@ -112,8 +112,9 @@ def quick_train(model, clips: torch.Tensor, steps: int, lr: float = 2e-3, batch_
                 entropy: float = 0.02, log=None):
     """A short plain-PyTorch training of ``model`` (an ``AdaptiveTokenizer``) the way the proxy recipe trains
     it, for checks and benchmarks (the pipeline itself trains through ``workflows.train``): one uniformly
-    random assignment per sample (the samples of a batch share their total: ``AssignmentSpace.sample``), L1 + codebook + commitment + ``entropy`` x entropy loss, no GAN, AdamW
-    (betas 0.9/0.95, weight decay 1e-4), linear warm-up over 4% of the steps then cosine to 1% of ``lr``.
+    random assignment per sample (the samples of a batch share their total: ``AssignmentSpace.sample``),
+    L1 + codebook + commitment + ``entropy`` x entropy loss, no GAN, AdamW (betas 0.9/0.95, weight decay
+    1e-4), linear warm-up over 4% of the steps then cosine to 1% of ``lr``.
     Deterministic in ``seed``. Returns the model in eval mode."""
     from evatok.assignment import AssignmentSpace
 

@@ -130,7 +130,8 @@ class TrainConfig:
                                 # code (0 = off; ZeRO 0 in fp32 only; no measured gain on the tiny data,
                                 # docs/quality-cost.md)
     equal_total_batches: bool = True  # proxy: the samples of a batch share their total token count (each
-                                # still uniform over the 625 assignments; no padding, 1.27x faster steps)
+                                # still uniform over the 625 assignments; no padding: 1.19x the samples/s
+                                # of the tiny proxy with 2 workers, docs/quality-cost.md)
     hflip: bool = False         # augmentation: random horizontal flip of each training clip
     random_window: bool = False  # augmentation: clips stored longer than data.clip_len give a random
                                 # data.clip_len-frame window per sample (else the centre window)

@@ -92,8 +92,9 @@ class Recipe:
         self.cfg, self.t, self.device, self.dtype = cfg, cfg.train, device, dtype
         self.generator = generator or torch.Generator().manual_seed(cfg.train.seed)
         # the same stream on every rank (same seed, one draw a micro-batch on each): what the ranks of a
-        # data-parallel step must agree on, e.g. the proxy's total token count of a step
-        self.shared_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + 999)
+        # data-parallel step must agree on, e.g. the proxy's total token count of a step. The loop seeds
+        # the per-rank generators seed * 1000 + rank; this seed is none of those.
+        self.shared_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 - 1)
 
     def generators(self) -> list[torch.Generator]:
         """The recipe's random streams, checkpointed per rank: its own and the shared one."""
