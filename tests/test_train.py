@@ -85,7 +85,7 @@ def test_tokenizer_recipes_and_ar_train_and_export(ray_local, clips_dir, tmp_pat
 
     base = TINY + [f"work_dir={tmp_path / 'runs'}", f"train.data={clips_dir}", "train.disc_start=0",
                    "train.checkpoint_every=100"]
-    proxy = run_training(load_config(None, base + ["name=t", "train.model=proxy", "train.steps=3",
+    proxy = run_training(load_config(None, base + ["name=t", "train.model=proxy", "train.steps=6",
                                                    "train.deepspeed.zero_stage=2"]))
     assert proxy.metrics["fixed_loss_end"] < proxy.metrics["fixed_loss_start"]
     tok = _load_export(proxy.export_uri)
