@@ -86,7 +86,7 @@ class AssignmentSpace:
         while their own ``generator`` permutes, so no rank waits for another with a longer batch."""
         if not equal_total:
             return self.table[torch.randint(self.size, (n,), generator=generator)]
-        one = self.table[torch.randint(self.size, (1,), generator=shared or generator)][0]
+        one = self.table[torch.randint(self.size, (1,), generator=generator if shared is None else shared)][0]
         return one[torch.argsort(torch.rand(n, self.num_blocks, generator=generator), 1)]
 
     def uniform_index(self, k: int) -> int:

@@ -109,21 +109,24 @@ def rng_state(generator: Generators = None) -> dict:
         "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
         "numpy_rest": [int(pos), int(has_gauss), float(cached)],
         "python": [py[0], list(py[1]), py[2]],
-        "generator": gens[0].get_state() if gens else torch.empty(0, dtype=torch.uint8),
         "generators": [g.get_state() for g in gens],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict, generator: Generators = None) -> None:
-    """Restore what ``rng_state`` saved; the generators in the order given there (a file written with
-    only the first one, before recipes had more, restores that one and leaves the others as seeded)."""
+    """Restore what ``rng_state`` saved; the generators in the order given there (a file written before
+    recipes had more than one holds it under ``"generator"``: that one is restored, the others are left
+    as seeded)."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss, cached = state["numpy_rest"]
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
-    saved = state.get("generators") or ([state["generator"]] if state["generator"].numel() else [])
+    if "generators" in state:
+        saved = state["generators"]
+    else:
+        saved = [state["generator"]] if state["generator"].numel() else []
     for g, st in zip(_generators(generator), saved):
         g.set_state(st)
     if state.get("cuda") and torch.cuda.is_available():
