@@ -35,13 +35,24 @@ _ONEDNN_LINEAR = (os.environ.get("EVATOK_ONEDNN_LINEAR", "1") != "0" and torch.b
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``onednn_linear(x, weight)`` can run: CPU float32, no gradient recorded, oneDNN present and
+    not turned off. Says nothing about whether it pays (``linear`` adds the size rule)."""
+    return (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` by oneDNN's float32 GEMM; only where ``onednn_applies``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through oneDNN's GEMM when no gradient is recorded, on CPU float32, for a layer and a
     call large enough (see the module doc)."""
-    if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and weight.numel() >= ONEDNN_MIN_WEIGHT
+    if (onednn_applies(x, weight) and weight.numel() >= ONEDNN_MIN_WEIGHT
             and x.numel() >= ONEDNN_MIN_ROWS * weight.shape[1]):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -83,10 +83,17 @@ def _blur_valid(m: torch.Tensor, taps: list[float]) -> torch.Tensor:
     """Separable 'valid' blur of [..., H, W] as shifted in-place multiply-adds: for single-channel maps
     this is ~6x faster on CPU than ``conv2d`` (whose kernels target many channels), with equal results."""
     n = len(taps)
-    w, h = m.shape[-1] - n + 1, m.shape[-2] - n + 1
+    w = m.shape[-1] - n + 1
     rows = torch.mul(m[..., :, 0:w], taps[0])
     for k in range(1, n):
         rows.add_(m[..., :, k:k + w], alpha=taps[k])
+    return _blur_columns(rows, taps)
+
+
+def _blur_columns(rows: torch.Tensor, taps: list[float]) -> torch.Tensor:
+    """The vertical half of ``_blur_valid``: [..., H, w] -> [..., H - len(taps) + 1, w]."""
+    n = len(taps)
+    h = rows.shape[-2] - n + 1
     out = torch.mul(rows[..., 0:h, :], taps[0])
     for k in range(1, n):
         out.add_(rows[..., k:k + h, :], alpha=taps[k])

@@ -37,8 +37,18 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   (9.0-9.5 -> 6.8-7.4 s for 4 tiny clips, 1 thread; 1.87x the CPU time of c6b8676's walk). Table
   entries move by ~2e-6, or by ~2e-4 where a near-tied code choice falls the other way; the reward argmax
   still agrees with 625 full passes on every benchmark clip (and ``tests/test_search.py``).
-- Measured, no gain: more clips a batch (8 vs 4 clips: 19.0 vs 18.8 CPU s for 8 tiny clips, 1 thread);
-  the GEMMs are already ~1000 rows.
+- SSIM's horizontal blur pass as one oneDNN GEMM with the banded [W - 10, W] matrix of the 11 taps
+  (``_BlockTarget._blur``), instead of 11 shifted multiply-adds over the whole map: 2.15 -> 1.04 ms a
+  map of [5, 8, 3, 4, 64, 64]; the vertical pass stays shifted adds (as a GEMM after a transpose, or as
+  batched products, it measured slower). Walk 6.12 -> 5.85 CPU s for 4 tiny clips, 1 thread (medians of
+  6 alternating runs, 1.05x); table entries equal to the last bit on those clips; 1.98x the CPU time of
+  c6b8676's walk (``bench/label_bench.py --legacy-rev c6b8676``).
+- Measured, no gain: scoring the metrics child by child to keep temporaries in cache (5.91 vs 5.87 s);
+  attention outputs kept in the kernels' [B, L, H, hd] memory order to save the regrouping copies (5.77
+  vs 5.77 s); one permuted copy of the decoder's pixels instead of a copy a child plus a stack (5.88 vs
+  5.81 s); GELU fused into the oneDNN GEMM (0.78 vs 0.79 ms a call); transparent huge pages for the heap
+  (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` or ``THP_MEM_ALLOC_ENABLE=1``: within noise); more clips a
+  batch (8 vs 4 clips: 19.0 vs 18.8 CPU s for 8 tiny clips, 1 thread; the GEMMs are already ~1000 rows).
 - ``precision``: the model may run under autocast (``bf16``) for measurements; metrics stay float32.
   It is not used by the label stage: measured on the tiny preset (random init), bf16 made the model
   ~1.5x faster but moved table entries by up to 4e-4 MSE (near-tied codebook choices flip), and the
@@ -54,8 +64,9 @@ import contextlib
 import torch
 
 from evatok.assignment import AssignmentSpace
-from evatok.metrics import _blur_valid as _blur, _gaussian, frame_metrics
-from evatok.tokenizer import AdaptiveTokenizer, PrefixState
+from evatok.layers import onednn_applies, onednn_linear
+from evatok.metrics import _blur_columns, _blur_valid, _gaussian, frame_metrics
+from evatok.tokenizer import AdaptiveTokenizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,21 +105,34 @@ class _BlockTarget:
         h, w = y.shape[-2:]
         win = min(window, h - (h + 1) % 2, w - (w + 1) % 2)
         self.taps = _gaussian(win, sigma * win / window).tolist()  # Python floats: no device reads later
+        # the horizontal pass as one product with the banded [w - win + 1, w] matrix of the taps
+        self.band = torch.zeros(w - win + 1, w, device=y.device)
+        taps = torch.tensor(self.taps, device=y.device)
+        for i in range(w - win + 1):
+            self.band[i, i:i + win] = taps
         self.c1, self.c2 = k1 ** 2, k2 ** 2
-        mu = _blur(self.y, self.taps)
+        mu = self._blur(self.y)
         mu2 = mu * mu
         self.mu = mu
         self.b1 = mu2 + self.c1  # mu_y^2 + c1
-        self.b2 = _blur(self.y * self.y, self.taps).sub_(mu2).add_(self.c2)  # var_y + c2
+        self.b2 = self._blur(self.y * self.y).sub_(mu2).add_(self.c2)  # var_y + c2
         self.y_feats = None if lpips is None else _lpips_features(lpips, _frames(self.y[None]))
+
+    def _blur(self, m: torch.Tensor) -> torch.Tensor:
+        """``evatok.metrics._blur_valid`` of [..., H, W] (contiguous); on CPU float32 the horizontal pass is
+        one oneDNN GEMM with the banded tap matrix instead of ``win`` shifted multiply-adds."""
+        if not onednn_applies(m, self.band):
+            return _blur_valid(m, self.taps)
+        rows = onednn_linear(m.reshape(-1, m.shape[-1]), self.band).view(*m.shape[:-1], self.band.shape[0])
+        return _blur_columns(rows, self.taps)
 
     def __call__(self, recon: torch.Tensor) -> dict[str, torch.Tensor]:
         """Reconstructions ``[n, B, 3, t, H, W]`` (any float dtype) -> {name: [n, B]}, the mean over frames."""
         x = recon.float().clamp(-0.5, 0.5).add_(0.5)
         e = (x - self.y).square_().mean((-4, -2, -1))  # [n, B, t] per-frame MSE
-        mx = _blur(x, self.taps)
-        sxx = _blur(x * x, self.taps)
-        sxy = _blur(x * self.y, self.taps)
+        mx = self._blur(x)
+        sxx = self._blur(x * x)
+        sxy = self._blur(x * self.y)
         cross = mx * self.mu
         a1 = cross.mul(2).add_(self.c1)  # 2 mu_x mu_y + c1
         a2 = sxy.sub_(cross).mul_(2).add_(self.c2)  # 2 cov + c2

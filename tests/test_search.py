@@ -50,17 +50,29 @@ def test_tree_walk_equals_bruteforce(setup):
         assert torch.allclose(grouped[name], tree[name], atol=1e-6, rtol=1e-6), name
 
 
-def test_block_target_equals_frame_metrics():
-    """The walk's metrics (target side computed once a block, SSIM in place, LPIPS target features
-    cached) equal ``evatok.metrics.frame_metrics`` on the same pairs."""
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("hw", [(32, 32), (20, 36), (9, 9), (12, 8)])  # window 11, 11, 9 and 7
+def test_block_target_equals_frame_metrics(monkeypatch, onednn, hw):
+    """The walk's metrics (target side computed once a block, SSIM in place, its horizontal blur as one
+    banded GEMM on CPU or as shifted adds, LPIPS target features cached) equal
+    ``evatok.metrics.frame_metrics`` on the same pairs, for square and other frames and shrunk windows."""
+    from evatok import layers
+
+    if onednn and not layers._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn and layers._ONEDNN_LINEAR)
     g = torch.Generator().manual_seed(3)
-    y = torch.rand(2, 3, 4, 32, 32, generator=g)  # [B, 3, t, H, W] in [0, 1]
-    recon = y - 0.5 + 0.2 * torch.randn(5, 2, 3, 4, 32, 32, generator=g)  # [n, B, ...], some out of range
-    lpips = LPIPS("alex", allow_random_backbone=True, max_batch=7)  # chunks that cut across nodes
+    y = torch.rand(2, 3, 4, *hw, generator=g)  # [B, 3, t, H, W] in [0, 1]
+    recon = y - 0.5 + 0.2 * torch.randn(5, 2, 3, 4, *hw, generator=g)  # [n, B, ...], some out of range
+    lpips = None  # AlexNet's pooling needs frames of at least 32 pixels
+    if min(hw) >= 32:
+        lpips = LPIPS("alex", allow_random_backbone=True, max_batch=7)  # chunks that cut across nodes
     with torch.inference_mode():
-        got = _BlockTarget(y, lpips)(recon)
+        target = _BlockTarget(y, lpips)
+        assert layers.onednn_applies(y, target.band) == onednn  # the path under test is the one taken
+        got = target(recon)
         ref = frame_metrics(recon.flatten(0, 1).clamp(-0.5, 0.5) + 0.5, y.repeat(5, 1, 1, 1, 1), lpips=lpips)
-    assert set(got) == set(ref) == {"mse", "psnr", "ssim", "lpips_random_backbone"}
+    assert set(got) == set(ref) == {"mse", "psnr", "ssim"} | ({"lpips_random_backbone"} if lpips else set())
     for name, v in ref.items():
         assert got[name].shape == (5, 2)
         assert torch.allclose(got[name], v.mean(-1).view(5, 2), atol=1e-6, rtol=1e-5), name
