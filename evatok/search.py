@@ -43,6 +43,10 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   batched products, it measured slower). Walk 6.12 -> 5.85 CPU s for 4 tiny clips, 1 thread (medians of
   6 alternating runs, 1.05x); table entries equal to the last bit on those clips; 1.98x the CPU time of
   c6b8676's walk (``bench/label_bench.py --legacy-rev c6b8676``).
+- The nearest-code search through oneDNN's GEMM in blocks sized to the codebook (``quantizer.nearest``,
+  ``onednn_rows``): walk 6.21 -> 6.13 CPU s with the tiny preset's 1,024 codes (1.01x), 9.40 -> 8.26 and
+  9.46 -> 8.03 s with the paper's 16,384 (1.14-1.18x); 4 clips, 1 thread, medians of 4 alternating runs;
+  tables equal to the last bit on those clips.
 - Measured, no gain: scoring the metrics child by child to keep temporaries in cache (5.91 vs 5.87 s);
   attention outputs kept in the kernels' [B, L, H, hd] memory order to save the regrouping copies (5.77
   vs 5.77 s); one permuted copy of the decoder's pixels instead of a copy a child plus a stack (5.88 vs

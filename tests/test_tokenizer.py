@@ -193,19 +193,30 @@ def test_quantizer_entropy_on_a_token_subsample():
     assert torch.allclose(big(x, mask)[2]["entropy"], lf["entropy"])  # fewer tokens than n: all of them
 
 
-@pytest.mark.parametrize("rows", [1, 127, 128, 129, 1000])
-def test_nearest_code_search_in_row_blocks_equals_one_product(rows):
-    """``quantizer.nearest`` scores rows in blocks of ``NEAREST_ROWS``: the codes equal one full
-    ``z @ cb.t()`` argmax at any row count, also across block edges, for a 16,384-code book."""
-    from evatok.quantizer import NEAREST_ROWS, nearest
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("codes", [16384, 1024])
+@pytest.mark.parametrize("rows", [1, 63, 65, 127, 128, 129, 1000, 1100])
+def test_nearest_code_search_in_row_blocks_equals_one_product(monkeypatch, rows, codes, onednn):
+    """``quantizer.nearest`` scores rows in blocks (of ``onednn_rows(K)`` through oneDNN on CPU float32,
+    of ``NEAREST_ROWS`` with the plain product): the codes equal one full product's argmax at any row
+    count, also across block edges, for 16,384 and 1,024-code books."""
+    from evatok import layers
+    from evatok.quantizer import NEAREST_ROWS, nearest, onednn_rows
 
+    if onednn and not layers._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn and layers._ONEDNN_LINEAR)
     g = torch.Generator().manual_seed(rows)
     z = F.normalize(torch.randn(rows, 8, generator=g), dim=-1)
-    cb = F.normalize(torch.randn(16384, 8, generator=g), dim=-1)
-    assert torch.equal(nearest(z, cb), (z @ cb.t()).argmax(-1))
+    cb = F.normalize(torch.randn(codes, 8, generator=g), dim=-1)
+    with torch.no_grad():
+        assert layers.onednn_applies(z, cb) == onednn
+        full = layers.onednn_linear(z, cb) if onednn else z @ cb.t()
+    assert torch.equal(nearest(z, cb), full.argmax(-1))
     assert torch.equal(nearest(z.reshape(1, rows, 8), cb), nearest(z, cb)[None])  # leading dims kept
-    if rows > NEAREST_ROWS:  # a row's code does not depend on the rows around it
-        assert torch.equal(nearest(z[NEAREST_ROWS - 1:], cb), nearest(z, cb)[NEAREST_ROWS - 1:])
+    block = onednn_rows(codes) if onednn else NEAREST_ROWS
+    if rows > block:  # a row's code does not depend on the rows around it
+        assert torch.equal(nearest(z[block - 1:], cb), nearest(z, cb)[block - 1:])
     zg = z.clone().requires_grad_(True)
     assert not nearest(zg, cb).requires_grad
 
