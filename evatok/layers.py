@@ -17,7 +17,9 @@ lookup) and calls of under ``ONEDNN_MIN_ROWS`` rows (the AR's per-token steps) k
 depends on the layer and never on how many clips share a batch above that floor, and both GEMMs give
 each row the same result at any row count (checked at the tokenizer's shapes), so a clip's codes and
 label do not depend on its batch. Training (gradients on), other dtypes and devices use ``F.linear``.
-``EVATOK_ONEDNN_LINEAR=0`` turns it off.
+``onednn_applies`` / ``onednn_linear`` serve two other products that pay at their sizes: the label walk's
+SSIM blur (``search._BlockTarget``) and the nearest-code search (``quantizer.nearest``, also in training,
+where it runs without gradient). ``EVATOK_ONEDNN_LINEAR=0`` turns all of them off.
 """
 from __future__ import annotations
 
