@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from evatok.layers import Linear, onednn_applies, onednn_linear
 
 
-#: tokens a block of the nearest-code search: the [rows, codebook] similarity block of 128 rows x 16,384 codes
-#: (8 MB) stays in cache between the product and the argmax; the whole [1,600 x 16,384] matrix of a tiny
-#: training batch (105 MB) did not (measured, 2 threads: 44.5 -> 17.7 ms a batch; 64 rows 34.9, 256 rows 19.8)
+#: tokens a block of the nearest-code search where the product is ``z @ cb.t()`` (not CPU float32, or oneDNN
+#: off): the [rows, codebook] similarity block of 128 rows x 16,384 codes (8 MB) stays in cache between the
+#: product and the argmax; the whole [1,600 x 16,384] matrix of a tiny training batch (105 MB) did not
+#: (measured with MKL, 2 threads: 44.5 -> 17.7 ms a batch; 64 rows 34.9, 256 rows 19.8)
 NEAREST_ROWS = 128
+USAGE_DECAY = 0.99  # dead-code restarts: decay of each code's usage average (~100 steps)
 
 
 def onednn_rows(codes: int) -> int:
@@ -56,7 +58,6 @@ def onednn_rows(codes: int) -> int:
     in blocks of 64 (16.2 in blocks of 128; MKL's 21.5). At 2 threads and 1,600 rows (a training batch):
     0.69 against 1.09 ms for 1,024 codes, 9.6-10.5 against 15.6 ms for 16,384."""
     return min(1024, max(64, (1 << 20) // codes))
-USAGE_DECAY = 0.99  # dead-code restarts: decay of each code's usage average (~100 steps)
 
 
 def nearest(z: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
