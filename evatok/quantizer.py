@@ -70,14 +70,11 @@ def nearest(z: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         flat, cb = z.detach().reshape(-1, z.shape[-1]), cb.detach()
         out = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
-        if onednn_applies(flat, cb):
-            rows = onednn_rows(cb.shape[0])
-            for i in range(0, flat.shape[0], rows):
-                torch.argmax(onednn_linear(flat[i:i + rows], cb), -1, out=out[i:i + rows])
-            return out.reshape(z.shape[:-1])
-        cbt = cb.t()
-        for i in range(0, flat.shape[0], NEAREST_ROWS):
-            torch.argmax(flat[i:i + NEAREST_ROWS] @ cbt, -1, out=out[i:i + NEAREST_ROWS])
+        dnn, cbt = onednn_applies(flat, cb), cb.t()
+        rows = onednn_rows(cb.shape[0]) if dnn else NEAREST_ROWS
+        for i in range(0, flat.shape[0], rows):
+            block = flat[i:i + rows]
+            torch.argmax(onednn_linear(block, cb) if dnn else block @ cbt, -1, out=out[i:i + rows])
         return out.reshape(z.shape[:-1])
 
 
