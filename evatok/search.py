@@ -39,10 +39,17 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   still agrees with 625 full passes on every benchmark clip (and ``tests/test_search.py``).
 - SSIM's horizontal blur pass as one oneDNN GEMM with the banded [W - 10, W] matrix of the 11 taps
   (``_BlockTarget._blur``), instead of 11 shifted multiply-adds over the whole map: 2.15 -> 1.04 ms a
-  map of [5, 8, 3, 4, 64, 64]; the vertical pass stays shifted adds (as a GEMM after a transpose, or as
-  batched products, it measured slower). Walk 6.12 -> 5.85 CPU s for 4 tiny clips, 1 thread (medians of
+  map of [5, 8, 3, 4, 64, 64] (AMD EPYC). Walk 6.12 -> 5.85 CPU s for 4 tiny clips, 1 thread (medians of
   6 alternating runs, 1.05x); table entries equal to the last bit on those clips; 1.98x the CPU time of
   c6b8676's walk (``bench/label_bench.py --legacy-rev c6b8676``).
+- SSIM's vertical pass: shifted multiply-adds or one batched product with the banded [H - 10, H] matrix,
+  whichever measures faster for a map shape, timed once per shape per process (``SSIM_COLUMNS``). The
+  faster way depends on the CPU: on AMD EPYC the batched product measured slower (1.15 against 0.76 ms
+  a map), on the Intel Xeon (Sapphire Rapids) machines, whose element-wise passes over a 4 MB map run at
+  a third of the speed, faster (blur 4.67 -> 2.50 ms a map of [240, 64, 64]; metric call 23 -> 16 ms;
+  walk 12.8 -> 11.9 CPU s for 4 tiny clips, 1 thread, medians of 6 alternating runs). Both ways sum the
+  same 11 products a pixel (the band's zeros add exact zeros), perhaps in another order; the tables were
+  equal to the last bit.
 - The nearest-code search through oneDNN's GEMM in blocks sized to the codebook (``quantizer.nearest``,
   ``onednn_rows``): walk 6.21 -> 6.13 CPU s with the tiny preset's 1,024 codes (1.01x), 9.40 -> 8.26 and
   9.46 -> 8.03 s with the paper's 16,384 (1.14-1.18x); 4 clips, 1 thread, medians of 4 alternating runs;
@@ -97,6 +104,34 @@ def _mean_metrics(recon: torch.Tensor, target: torch.Tensor, lpips) -> dict[str,
     return {k: v.mean(-1) for k, v in m.items()}
 
 
+# How ``_BlockTarget`` runs SSIM's vertical blur pass on CPU float32: "auto" (time both ways once per map
+# shape in this process and keep the faster), "product" (one batched product with the banded matrix) or
+# "shift" (shifted multiply-adds). Both sum the same 11 products a pixel (the band's zeros add exact zeros).
+SSIM_COLUMNS = "auto"
+_COLUMNS_BY_PRODUCT: dict[tuple, bool] = {}  # map shape -> whether "auto" chose the product
+
+
+def _band(n: int, taps: list[float], device) -> torch.Tensor:
+    """The banded ``[n - len(taps) + 1, n]`` matrix whose row i holds the taps at columns i..i+len-1: the
+    'valid' blur along a dimension of size n as one product."""
+    band = torch.zeros(n - len(taps) + 1, n, device=device)
+    t = torch.tensor(taps, device=device)
+    for i in range(band.shape[0]):
+        band[i, i:i + len(taps)] = t
+    return band
+
+
+def _best_time(fn, runs: int = 3) -> float:
+    import time
+
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 class _BlockTarget:
     """One block of a batch of clips ``[B, 3, t, H, W]`` in [0, 1], with every target-side term of the
     metrics computed once: scoring a node's reconstructions against it needs only the node's side.
@@ -109,11 +144,9 @@ class _BlockTarget:
         h, w = y.shape[-2:]
         win = min(window, h - (h + 1) % 2, w - (w + 1) % 2)
         self.taps = _gaussian(win, sigma * win / window).tolist()  # Python floats: no device reads later
-        # the horizontal pass as one product with the banded [w - win + 1, w] matrix of the taps
-        self.band = torch.zeros(w - win + 1, w, device=y.device)
-        taps = torch.tensor(self.taps, device=y.device)
-        for i in range(w - win + 1):
-            self.band[i, i:i + win] = taps
+        # the horizontal pass as one product with the banded [w - win + 1, w] matrix of the taps; the
+        # vertical pass, where it measures faster, as a batched product with the [h - win + 1, h] one
+        self.band, self.vband = _band(w, self.taps, y.device), _band(h, self.taps, y.device)
         self.c1, self.c2 = k1 ** 2, k2 ** 2
         mu = self._blur(self.y)
         mu2 = mu * mu
@@ -124,11 +157,28 @@ class _BlockTarget:
 
     def _blur(self, m: torch.Tensor) -> torch.Tensor:
         """``evatok.metrics._blur_valid`` of [..., H, W] (contiguous); on CPU float32 the horizontal pass is
-        one oneDNN GEMM with the banded tap matrix instead of ``win`` shifted multiply-adds."""
+        one oneDNN GEMM with the banded tap matrix instead of ``win`` shifted multiply-adds, and the
+        vertical pass is shifted multiply-adds or one batched product (``SSIM_COLUMNS``)."""
         if not onednn_applies(m, self.band):
             return _blur_valid(m, self.taps)
         rows = onednn_linear(m.reshape(-1, m.shape[-1]), self.band).view(*m.shape[:-1], self.band.shape[0])
+        if self._columns_by_product(rows):
+            return self._columns_product(rows)
         return _blur_columns(rows, self.taps)
+
+    def _columns_product(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(self.vband, rows.view(-1, *rows.shape[-2:]))
+        return out.view(*rows.shape[:-2], *out.shape[-2:])
+
+    def _columns_by_product(self, rows: torch.Tensor) -> bool:
+        if SSIM_COLUMNS != "auto":
+            return SSIM_COLUMNS == "product"
+        key = tuple(rows.shape)
+        if key not in _COLUMNS_BY_PRODUCT:  # measured once per shape: the faster way depends on the CPU
+            shift, product = (lambda: _blur_columns(rows, self.taps)), (lambda: self._columns_product(rows))
+            shift(), product()
+            _COLUMNS_BY_PRODUCT[key] = _best_time(product) < _best_time(shift)
+        return _COLUMNS_BY_PRODUCT[key]
 
     def __call__(self, recon: torch.Tensor) -> dict[str, torch.Tensor]:
         """Reconstructions ``[n, B, 3, t, H, W]`` (any float dtype) -> {name: [n, B]}, the mean over frames."""

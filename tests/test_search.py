@@ -50,17 +50,21 @@ def test_tree_walk_equals_bruteforce(setup):
         assert torch.allclose(grouped[name], tree[name], atol=1e-6, rtol=1e-6), name
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("path", ["gemm-shift", "gemm-product", "gemm-auto", "plain"])
 @pytest.mark.parametrize("hw", [(32, 32), (20, 36), (9, 9), (12, 8)])  # window 11, 11, 9 and 7
-def test_block_target_equals_frame_metrics(monkeypatch, onednn, hw):
+def test_block_target_equals_frame_metrics(monkeypatch, path, hw):
     """The walk's metrics (target side computed once a block, SSIM in place, its horizontal blur as one
-    banded GEMM on CPU or as shifted adds, LPIPS target features cached) equal
+    banded GEMM on CPU and its vertical blur as shifted adds, as a batched banded product, or whichever
+    measured faster; or both as shifted adds; LPIPS target features cached) equal
     ``evatok.metrics.frame_metrics`` on the same pairs, for square and other frames and shrunk windows."""
-    from evatok import layers
+    from evatok import layers, search
 
+    onednn = path != "plain"
     if onednn and not layers._ONEDNN_LINEAR:
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn and layers._ONEDNN_LINEAR)
+    monkeypatch.setattr(search, "SSIM_COLUMNS", path.split("-")[-1] if onednn else "auto")
+    monkeypatch.setattr(search, "_COLUMNS_BY_PRODUCT", {})
     g = torch.Generator().manual_seed(3)
     y = torch.rand(2, 3, 4, *hw, generator=g)  # [B, 3, t, H, W] in [0, 1]
     recon = y - 0.5 + 0.2 * torch.randn(5, 2, 3, 4, *hw, generator=g)  # [n, B, ...], some out of range
@@ -72,6 +76,11 @@ def test_block_target_equals_frame_metrics(monkeypatch, onednn, hw):
         assert layers.onednn_applies(y, target.band) == onednn  # the path under test is the one taken
         got = target(recon)
         ref = frame_metrics(recon.flatten(0, 1).clamp(-0.5, 0.5) + 0.5, y.repeat(5, 1, 1, 1, 1), lpips=lpips)
+    if path == "gemm-product":
+        assert search._COLUMNS_BY_PRODUCT == {}  # a set way: nothing measured
+    if path == "gemm-auto":  # measured once for each map shape met: the target's and the nodes'
+        assert set(search._COLUMNS_BY_PRODUCT) == {(2, 3, 4, hw[0], target.band.shape[0]),
+                                                   (5, 2, 3, 4, hw[0], target.band.shape[0])}
     assert set(got) == set(ref) == {"mse", "psnr", "ssim"} | ({"lpips_random_backbone"} if lpips else set())
     for name, v in ref.items():
         assert got[name].shape == (5, 2)
