@@ -14,8 +14,8 @@ recipe's clips (16 frames at 8 fps, 64x64). Three ways, interleaved (the order r
 
 Ray starts once before the first measured run, and one small ingest warms its workers. Prints each
 run, the best and the median of each way, and the ratios ceiling_time / ingest_time (clips/s of
-ingest over the ceiling's; DESIGN.md "Decoding" asks >= 0.85). The load average is printed: on a
-shared machine, read the ratios of runs made back to back, not the absolute times.
+ingest over the ceiling's; docs/ARCHITECTURE.md, "Decoding", asks >= 0.85). The load average is
+printed: on a shared machine, read the ratios of runs made back to back, not the absolute times.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Pipeline for one video: ``probe`` (PyAV: validates, classifies bad inputs, reads
 decoder to the short-side-resized size and returns every window in one increasing pass
 (``decode_clips``); a centre crop makes the frames square.
 
-Why this shape (measured, see DESIGN.md "Decoding"): decord's in-decoder scaling (``width``/``height``
+Why this shape (measured; docs/ARCHITECTURE.md, "Decoding"): decord's in-decoder scaling (``width``/``height``
 with ``num_threads=1``) reaches ~90% of the decode ceiling while resizing after decode reaches
 35-70%, and a window costs every frame from the preceding keyframe, so all windows of a video are
 read by one reader in increasing order.

@@ -7,7 +7,7 @@ its classes; ``ingest.split="trainlist01"`` keeps the videos of ``ucfTrainTestli
 found beside or inside the tree), or a manifest ``.csv``/``.parquet`` with a ``uri`` column and an
 optional ``label`` column (relative URIs are relative to the manifest's folder).
 
-How it runs (DESIGN.md "Decoding"): the driver lists/stats the inputs, sorts them by video id and cuts
+How it runs (docs/ARCHITECTURE.md, "Decoding"): the driver lists/stats the inputs, sorts them by video id and cuts
 the sorted list into shards of ``videos_per_task`` videos, so the shard -> videos map is stable across
 reruns. One Ray Data ``map_batches`` call (``batch_size=1`` shard row) per shard reads its videos
 through ``storage``, decodes every window of a video in one decord pass, and publishes the clips
