@@ -10,7 +10,7 @@ The tokenizer's and AR model's linear layers, and the router's patch embedding a
 ``nn.Linear`` (same parameters, same state dict) whose forward, when no gradient is recorded, runs large
 float32 products on the CPU through oneDNN's GEMM instead of MKL's. Measured on this project's AMD EPYC
 CI machines (1 thread): 240 against 110 GFLOP/s at the tokenizer's shapes, and the label stage's walk
-1.3x faster (``bench/label_bench.py``). On the Intel Xeon (Sapphire Rapids) machines both run at about
+1.3x faster (``bench/label_bench.py``). On the Intel Xeon (Emerald Rapids) machines both run at about
 the core's float32 peak (100-145 GFLOP/s; oneDNN 10% ahead at 128 inputs, MKL 15% at 512), so there it
 neither gains nor costs. Results differ from MKL's only in summation order (at the
 tokenizer's shapes: equal with 128 inputs, ~1e-6 relative with 512). oneDNN pays ~10 us a call to set

@@ -45,9 +45,9 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
 - SSIM's vertical pass: shifted multiply-adds or one batched product with the banded [H - 10, H] matrix,
   whichever measures faster for a map shape, timed once per shape per process (``SSIM_COLUMNS``). The
   faster way depends on the CPU: on AMD EPYC the batched product measured slower (1.15 against 0.76 ms
-  a map), on the Intel Xeon (Sapphire Rapids) machines, whose element-wise passes over a 4 MB map run at
-  a third of the speed, faster (blur 4.67 -> 2.50 ms a map of [240, 64, 64]; metric call 23 -> 16 ms;
-  walk 12.8 -> 11.9 CPU s for 4 tiny clips, 1 thread, medians of 6 alternating runs). Both ways sum the
+  a map), on the Intel Xeon (Emerald Rapids) machines faster (both passes of a [240, 64, 64] map 4.67
+  -> 2.50 ms; a node's metric call 23 -> 16 ms; walk 12.8 -> 11.9 CPU s for 4 tiny clips, 1 thread,
+  medians of 6 alternating runs). Both ways sum the
   same 11 products a pixel (the band's zeros add exact zeros), perhaps in another order; the tables were
   equal to the last bit.
 - The nearest-code search through oneDNN's GEMM in blocks sized to the codebook (``quantizer.nearest``,
