@@ -47,9 +47,8 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   faster way depends on the CPU: on AMD EPYC the batched product measured slower (1.15 against 0.76 ms
   a map), on the Intel Xeon (Emerald Rapids) machines faster (both passes of a [240, 64, 64] map 4.67
   -> 2.50 ms; a node's metric call 23 -> 16 ms; walk 12.8 -> 11.9 CPU s for 4 tiny clips, 1 thread,
-  medians of 6 alternating runs). Both ways sum the
-  same 11 products a pixel (the band's zeros add exact zeros), perhaps in another order; the tables were
-  equal to the last bit.
+  medians of 6 alternating runs). Both ways sum the same 11 products a pixel (the band's zeros add exact
+  zeros), perhaps in another order; the tables were equal to the last bit.
 - The nearest-code search through oneDNN's GEMM in blocks sized to the codebook (``quantizer.nearest``,
   ``onednn_rows``): walk 6.21 -> 6.13 CPU s with the tiny preset's 1,024 codes (1.01x), 9.40 -> 8.26 and
   9.46 -> 8.03 s with the paper's 16,384 (1.14-1.18x); 4 clips, 1 thread, medians of 4 alternating runs;
@@ -64,13 +63,16 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   It is not used by the label stage: measured on the tiny preset (random init), bf16 made the model
   ~1.5x faster but moved table entries by up to 4e-4 MSE (near-tied codebook choices flip), and the
   reward argmax then disagreed with 625 float32 full passes: 1-3 of 8 clips at w_l in {0.1, 0.01, 0},
-  and 1 of 4 other clips at the default weights (``bench/label_bench.py --precision-check``).
+  and 1 of 4 other clips at the default weights (``bench/label_bench.py --precision-check``). On the
+  Intel Xeon (Emerald Rapids) machines, whose cores have AMX, bf16 was not faster either (22.7 vs 22.3
+  CPU s for 8 clips) and disagreed on 1-3 of 8 clips at every weight.
 - ``torch.compile`` (per layer or the whole ``prefix_step``, dynamic shapes) was measured: no steady-
   state gain on CPU (10.5 vs 10.6 s a batch of 4) for 28-48 s of compile CPU time per process: not used.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -122,8 +124,6 @@ def _band(n: int, taps: list[float], device) -> torch.Tensor:
 
 
 def _best_time(fn, runs: int = 3) -> float:
-    import time
-
     best = float("inf")
     for _ in range(runs):
         t0 = time.perf_counter()
