@@ -65,7 +65,7 @@ What the walk does to be fast (measured on the tiny preset, CPU; ``bench/label_b
   reward argmax then disagreed with 625 float32 full passes: 1-3 of 8 clips at w_l in {0.1, 0.01, 0},
   and 1 of 4 other clips at the default weights (``bench/label_bench.py --precision-check``). On the
   Intel Xeon (Emerald Rapids) machines, whose cores have AMX, bf16 was not faster either (22.7 vs 22.3
-  CPU s for 8 clips) and disagreed on 1-3 of 8 clips at every weight.
+  CPU s for 8 clips) and disagreed on up to 3 of 8 clips, at 10 of the 12 metric and weight pairs.
 - ``torch.compile`` (per layer or the whole ``prefix_step``, dynamic shapes) was measured: no steady-
   state gain on CPU (10.5 vs 10.6 s a batch of 4) for 28-48 s of compile CPU time per process: not used.
 """
